@@ -1,0 +1,99 @@
+"""The trainer's entry point to the data layer: scan, report, plan an epoch, and load batches.
+
+    scan = scan_dataset(cfg.data_root, DataSettings(resolution=[512], flip_p=cfg.flip_p, ...))
+    write_dataset_report(scan, run_dir / "dataset.jsonl"); print(summarize(scan))
+    plans = epoch_batches(scan.items, batch_size=4, seed=cfg.seed, epoch=e, resolutions=[512])
+    loader = DataLoader(BatchDataset(scan.items, plans[k:], seed=cfg.seed, epoch=e, first_position=k),
+                        batch_size=None, num_workers=n)      # one index = one whole batch
+
+Randomness at load time (crop jitter and offset, flip, tag shuffle, caption dropout) comes from an RNG seeded by
+(seed, epoch, batch position in the epoch, slot in the batch), never from a worker's global state, so the result
+does not depend on the number of DataLoader workers and a resumed run replays the same augmentation.
+"""
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+
+from data.buckets import bucket_table, nearest_bucket
+from data.captions import training_caption
+from data.discovery import scan_dataset
+from data.items import DataScan, DataSettings, ImageItem
+from data.report import problem_summary, summarize, write_dataset_report
+from data.sampler import BatchPlan, epoch_batches, schedule_filename, write_schedule
+from data.transforms import BadImageError, load_sample
+from utils.config_schema import ConfigError
+
+__all__ = ["DataSettings", "DataScan", "ImageItem", "BatchPlan", "BatchDataset", "ConfigError", "scan_dataset",
+           "write_dataset_report", "summarize", "problem_summary", "epoch_batches", "write_schedule",
+           "schedule_filename", "bucket_table", "nearest_bucket", "item_rng"]
+
+log = logging.getLogger(__name__)
+
+
+def item_rng(seed: int, epoch: int, position: int, slot: int, purpose: str) -> random.Random:
+    """The RNG of one image in one epoch. `purpose` ("image", "caption") keeps the streams independent, so e.g.
+    an image's size does not change its caption's shuffle."""
+    return random.Random(f"{seed}:{epoch}:{position}:{slot}:{purpose}")
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """One index = one whole batch of a plan; use with DataLoader(batch_size=None).
+
+    first_position: the epoch position of plans[0] for plans that do not carry one (epoch_batches's plans do).
+    augment=False (for validation): no crop jitter, centre crop, no flip, no tag shuffle, no caption dropout.
+    """
+
+    def __init__(self, items, plans: list[BatchPlan], *, seed: int, epoch: int, first_position: int = 0,
+                 augment: bool = True):
+        self.items = items
+        self.plans = plans
+        self.seed = seed
+        self.epoch = epoch
+        self.first_position = first_position
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def position(self, i: int) -> int:
+        plan = self.plans[i]
+        return plan.position if plan.position >= 0 else self.first_position + i
+
+    def __getitem__(self, i: int) -> dict | None:
+        plan, position = self.plans[i], self.position(i)
+        pixels, masks, captions, scales, paths, skipped = [], [], [], [], [], []
+        for slot, index in enumerate(plan.indices):
+            item: ImageItem = self.items[index]
+            image_rng = item_rng(self.seed, self.epoch, position, slot, "image")
+            try:
+                px, mask, mask_problem = load_sample(item.path, plan.size, rng=image_rng,
+                                                     crop_jitter=item.crop_jitter, flip_p=item.flip_p,
+                                                     mask_path=item.mask_path, augment=self.augment)
+            except BadImageError as e:
+                skipped.append((item.rel_path, str(e)))
+                log.warning("skipped %s at load time: %s", item.rel_path, e)
+                continue
+            if mask_problem:
+                log.warning("%s: %s; training it without a mask", item.rel_path, mask_problem)
+            caption_rng = item_rng(self.seed, self.epoch, position, slot, "caption")
+            captions.append(training_caption(
+                item.main_prompt, item.tags, item.tag_weights, shuffle=item.shuffle_tags and self.augment,
+                keep_tags=item.keep_tags, max_caption_length=item.max_caption_length,
+                cond_dropout=item.cond_dropout if self.augment else 0.0, rng=caption_rng))
+            pixels.append(torch.from_numpy(px))
+            masks.append(None if mask is None else torch.from_numpy(mask))
+            scales.append(item.loss_scale)
+            paths.append(str(item.path))
+        if not pixels:
+            log.warning("batch %d of epoch %d: every image failed to load; batch skipped", position, self.epoch)
+            return None
+        mask = None
+        if any(m is not None for m in masks):
+            h, w = pixels[0].shape[1:]
+            mask = torch.stack([m if m is not None else torch.ones(1, h, w) for m in masks])
+        return {"pixel_values": torch.stack(pixels), "captions": captions,
+                "loss_scale": torch.tensor(scales, dtype=torch.float32), "mask": mask, "paths": paths,
+                "skipped": skipped, "size": plan.size, "position": position}

@@ -1,0 +1,88 @@
+"""Plain data of the data layer: settings from train.json, one training image, and the result of a scan.
+
+No I/O and no torch here, so every other module (and every test) can build these by hand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.config_schema import ConfigError
+
+
+@dataclass
+class DataSettings:
+    """Global defaults from train.json; per-folder files and yaml override them per image."""
+    resolution: list[int]      # one or more base resolutions (multiples of 64); the first is the "base"
+    flip_p: float = 0.0
+    cond_dropout: float = 0.04
+    shuffle_tags: bool = False
+    keep_tags: int = 0
+    crop_jitter: float = 0.02
+
+    def __post_init__(self):
+        # The trainer's config holds a single int today; accept it so callers need no special case.
+        if isinstance(self.resolution, int):
+            self.resolution = [self.resolution]
+        self.resolution = list(self.resolution)
+
+
+def check_settings(settings: DataSettings) -> list[str]:
+    """Every problem with the global data settings, named by their train.json key."""
+    problems = []
+    if not settings.resolution:
+        problems.append("'resolution' is an empty list: give at least one value, e.g. 512 or [448, 512, 576]")
+    for r in settings.resolution:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 64 or r % 64:
+            problems.append(f"'resolution' values must be multiples of 64 from 64 up, got {r!r}")
+    if len(set(settings.resolution)) != len(settings.resolution):
+        problems.append(f"'resolution' lists a value twice: {settings.resolution}")
+    for key in ("flip_p", "cond_dropout"):
+        value = getattr(settings, key)
+        if not 0.0 <= value <= 1.0:
+            problems.append(f"'{key}' must be in [0, 1], got {value}")
+    if settings.keep_tags < 0:
+        problems.append(f"'keep_tags' must be 0 or more, got {settings.keep_tags}")
+    if not 0.0 <= settings.crop_jitter <= 0.25:
+        problems.append(f"'crop_jitter' must be in [0, 0.25] (a fraction per side), got {settings.crop_jitter}")
+    return problems
+
+
+def require_valid_settings(settings: DataSettings) -> None:
+    if problems := check_settings(settings):
+        raise ConfigError("\n".join(problems))
+
+
+@dataclass
+class ImageItem:
+    path: Path                          # absolute path of the image
+    rel_path: str                       # relative to data_root, with '/' separators
+    width: int                          # as displayed (EXIF orientation 5-8 already swaps w/h)
+    height: int
+    main_prompt: str
+    tags: list[str] = field(default_factory=list)
+    tag_weights: list[float] = field(default_factory=list)   # same length as tags; 1.0 unless yaml says otherwise
+    caption: str = ""                   # main prompt and tags joined, unshuffled
+    multiply: float = 1.0
+    batch_id: str = ""                  # "" = the default group
+    flip_p: float = 0.0
+    cond_dropout: float = 0.04
+    loss_scale: float = 1.0
+    shuffle_tags: bool = False
+    keep_tags: int = 0
+    max_caption_length: int = 2048
+    crop_jitter: float = 0.02
+    mask_path: Path | None = None
+    bucket: tuple[int, int] = (0, 0)    # (width, height) at the base resolution
+    undersized: bool = False            # upscaled at one or more of the training resolutions
+    notes: list[str] = field(default_factory=list)           # repairs and warnings about this image
+
+
+@dataclass
+class DataScan:
+    root: Path
+    settings: DataSettings
+    items: list[ImageItem]
+    skipped: list[tuple[str, str]]      # (rel_path, reason)
+    undersized: list[str]               # rel_paths
+    warnings: list[str]                 # one line each, naming the file

@@ -1,0 +1,25 @@
+"""Shared fixtures. Nothing in the test run may reach the network: any hub access fails at once."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# The tiny test models gain nothing from threads, and OpenMP spinning on a shared 2-core machine costs 10x.
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory) -> Path:
+    """The built-in tiny SD model (fixed seeds) saved once per test run as a diffusers folder."""
+    from utils.builtin_models import builtin_folder
+    return builtin_folder("tiny-sd", tmp_path_factory.mktemp("models"))

@@ -1,0 +1,112 @@
+"""train.json / CLI strictness, EveryDream2 compatibility, and the generated doc."""
+import json
+from pathlib import Path
+
+import pytest
+
+from utils.config import TrainConfig, config_markdown, load_config
+from utils.config_schema import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, data, name="train.json"):
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(p)
+
+
+def test_precedence_defaults_then_file_then_cli(tmp_path):
+    p = write(tmp_path, {"resume_ckpt": "m", "batch_size": 4, "lr": 2e-6})
+    cfg, _ = load_config(["--config", p, "--batch_size", "6"])
+    assert cfg.batch_size == 6           # CLI wins
+    assert cfg.lr == 2e-6                # file over default
+    assert cfg.grad_accum == TrainConfig.grad_accum  # default
+
+
+def test_unknown_key_suggests(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'bach_size' \(did you mean batch_size\?\)"):
+        load_config(["--config", write(tmp_path, {"resume_ckpt": "m", "bach_size": 4})])
+    with pytest.raises(ConfigError, match=r"--max_epoch.*did you mean max_epochs"):
+        load_config(["--resume_ckpt", "m", "--max_epoch", "3"])
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("batch_size", 2.5, "'batch_size' must be int"),
+    ("gradient_checkpointing", 1, "'gradient_checkpointing' must be bool"),
+    ("attn_type", "flash", '"sdp" | "xformers" | "slice"'),
+    ("flip_p", 1.5, r"'flip_p' must be in \[0.0, 1.0\]"),
+    ("batch_size", 0, "'batch_size' must be at least 1"),
+])
+def test_wrong_types_and_ranges_name_the_key(tmp_path, key, value, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(["--config", write(tmp_path, {"resume_ckpt": "m", key: value})])
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", write(tmp_path, {"resume_ckpt": "m", "bach_size": 4, "lr": "fast"})])
+    assert "bach_size" in str(e.value) and "'lr'" in str(e.value)
+
+
+def test_malformed_json_gives_line_and_column(tmp_path):
+    with pytest.raises(ConfigError, match="line 3, column 1"):
+        load_config(["--config", write(tmp_path, '{"resume_ckpt": "m",\n "batch_size": 2,\n}')])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(["--config", str(tmp_path / "nope.json")])
+
+
+def test_everydream2_config_accepted_with_one_warning(tmp_path):
+    warnings = []
+    ed2 = {"resume_ckpt": "panopstor/EveryDream", "amp": True, "lowvram": False, "useadam8bit": True,
+           "batch_size": 8, "max_epochs": 40, "rated_dataset": False, "plugins": None}
+    cfg, _ = load_config(["--config", write(tmp_path, ed2)], warn=warnings.append)
+    assert cfg.batch_size == 8 and cfg.max_epochs == 40
+    unsupported = [w for w in warnings if "not supported" in w]
+    assert len(unsupported) == 1
+    for key in ("lowvram", "useadam8bit", "rated_dataset", "plugins"):
+        assert key in unsupported[0]
+
+
+def test_cli_values_parse_as_json_else_text():
+    cfg, _ = load_config(["--resume_ckpt", "m", "--resolution", "[448, 512]", "--project_name", "2024",
+                          "--lr", "1e-6", "--gradient_checkpointing"])
+    assert cfg.resolution == [448, 512]
+    assert cfg.project_name == "2024"
+    assert cfg.lr == 1e-6
+    assert cfg.gradient_checkpointing is True
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="nothing to train"):
+        load_config(["--resume_ckpt", "m", "--disable_textenc_training", "--disable_unet_training"])
+    with pytest.raises(ConfigError, match="resume_ckpt is required"):
+        load_config([])
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        load_config(["--resume_ckpt", "m", "--resolution", "500"])
+
+
+def test_seed_minus_one_is_resolved():
+    cfg, _ = load_config(["--resume_ckpt", "m", "--seed", "-1"])
+    assert cfg.seed >= 0
+
+
+def test_disable_amp_means_fp32():
+    cfg, _ = load_config(["--resume_ckpt", "m", "--disable_amp"])
+    assert cfg.mixed_precision == "no"
+
+
+def test_config_doc_is_current():
+    expected = config_markdown()
+    actual = (ROOT / "doc" / "CONFIG.md").read_text(encoding="utf-8")
+    assert actual == expected, "doc/CONFIG.md is stale: run `python -m utils.config > doc/CONFIG.md`"
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in
+                                        [ROOT / "train.json", *(ROOT / "examples").glob("*.json")]
+                                        if "optimizer" not in p.name and "sample" not in p.name))
+def test_shipped_train_configs_parse(path):
+    load_config(["--config", str(ROOT / path)])

@@ -1,0 +1,45 @@
+"""Fine-tune Stable Diffusion (UNet and CLIP text encoder) from a train.json.
+
+    python train.py --config train.json [--key value ...]
+
+Every train.json key is also a --key value option; `--help` lists them, doc/CONFIG.md documents them.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from utils.config import ConfigError, config_to_dict, help_text, load_config
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, flags = load_config(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if flags.get("help"):
+        print(help_text())
+        return 0
+    if flags.get("print-config"):
+        import json
+        print(json.dumps(config_to_dict(cfg), indent=2))
+        return 0
+    from utils.trainer import Trainer
+    trainer = None
+    try:
+        if flags.get("check"):
+            from utils.check import check_data
+            return check_data(cfg)
+        trainer = Trainer(cfg)
+        trainer.setup()
+        return trainer.train()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""`train.py --check`: validate the config and scan the data without loading a model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from utils.config import TrainConfig
+from utils.run_logging import get_logger
+
+
+def check_data(cfg: TrainConfig) -> int:
+    from data.dataset import DataSettings, scan_dataset, summarize, write_dataset_report
+    log = get_logger()
+    resolutions = cfg.resolution if isinstance(cfg.resolution, list) else [cfg.resolution]
+    settings = DataSettings(resolution=resolutions, flip_p=cfg.flip_p, cond_dropout=cfg.cond_dropout,
+                            shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags)
+    scan = scan_dataset(cfg.data_root, settings)
+    out = Path(cfg.logdir) / f"{cfg.project_name}-check"
+    out.mkdir(parents=True, exist_ok=True)
+    write_dataset_report(scan, out / "dataset.jsonl")
+    log.info(summarize(scan))
+    log.info(f"wrote {out / 'dataset.jsonl'}")
+    return 0

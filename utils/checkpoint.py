@@ -1,0 +1,146 @@
+"""Resumable checkpoints: a diffusers folder with the trainer state beside the weights.
+
+logs/<run>/ckpts/<project>-ep{EE}-gs{SSSSS}/
+    unet/ text_encoder/ vae/ tokenizer/ scheduler/ model_index.json   loadable by StableDiffusionPipeline
+    trainer_state.pt       optimizers, LR schedulers, GradScaler, EMA, TrainState, RNG states
+    train.json optimizer.json                                          the resolved config of the run
+Each is written as `<name>.tmp/` and renamed when complete, so a kill during a save never leaves a folder
+that `findlast` would take.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from utils.config_schema import ConfigError
+
+STATE_FILE = "trainer_state.pt"
+TMP_SUFFIX = ".tmp"
+_STEP_RE = re.compile(r"-gs(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where training stands; everything else needed to continue is derived from it and the config."""
+    seed: int
+    epoch: int = 0                 # current epoch (0-based)
+    batches_done: int = 0          # micro-batches of this epoch already trained
+    global_step: int = 0           # optimizer steps taken
+    images_seen: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+
+def capture_rng(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "train": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    generator.set_state(state["train"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def checkpoint_name(project_name: str, epoch: int, global_step: int, prefix: str = "") -> str:
+    return f"{prefix}{project_name}-ep{epoch:02d}-gs{global_step:05d}"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_checkpoint_folder(final: Path, write_contents) -> Path:
+    """Call write_contents(tmp_folder), then rename tmp_folder to final. A failure leaves no `final`."""
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        write_contents(tmp)
+        if final.exists():  # the same name again (e.g. a second save at one step): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise ConfigError(f"disk full while saving {final.name}: free space in {final.parent} (earlier "
+                              f"checkpoints are intact) or set keep_last_n") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def save_trainer_state(folder: Path, state: dict) -> None:
+    torch.save(state, folder / STATE_FILE)
+
+
+def load_trainer_state(folder: Path) -> dict | None:
+    path = Path(folder) / STATE_FILE
+    if not path.exists():
+        return None
+    # weights_only: a state file from elsewhere can never run code on load
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    return (folder.is_dir() and not folder.name.endswith(TMP_SUFFIX) and (folder / "model_index.json").exists()
+            and (folder / "unet").is_dir())
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints of one run, oldest first (by global step, then modification time)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if is_complete_checkpoint(p) and not p.name.endswith("_ema")]
+
+    def key(p: Path):
+        m = _STEP_RE.search(p.name)
+        return (int(m.group(1)) if m else -1, p.stat().st_mtime)
+    return sorted(found, key=key)
+
+
+def find_last(logdir: Path) -> Path:
+    """The newest complete resumable checkpoint under logdir (EveryDream2's `findlast`)."""
+    candidates = []
+    for run in Path(logdir).glob("*/ckpts"):
+        candidates += [p for p in list_checkpoints(run) if (p / STATE_FILE).exists()]
+    if not candidates:
+        raise ConfigError(f"resume_ckpt findlast: no complete checkpoint with trainer state under {logdir}/*/ckpts; "
+                          f"give a model folder to start a new run")
+    return max(candidates, key=lambda p: (p / STATE_FILE).stat().st_mtime)
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last_n: int | None, protect: set[Path] = frozenset()) -> list[Path]:
+    """Delete all but the newest keep_last_n checkpoints of a run; returns what was deleted."""
+    if not keep_last_n:
+        return []
+    ckpts = list_checkpoints(ckpt_dir)
+    doomed = [p for p in ckpts[:-keep_last_n] if p not in protect]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+        ema = p.with_name(p.name + "_ema")
+        if ema.exists():
+            shutil.rmtree(ema, ignore_errors=True)
+    return doomed

@@ -1,0 +1,111 @@
+"""Find and load the Stable Diffusion parts: UNet, CLIP text encoder, VAE, tokenizer, noise-scheduler config.
+
+Every source ends as a local diffusers folder before anything is loaded, so there is one loading path:
+a local folder as is, a hub id through huggingface_hub's snapshot download (only when the user names one),
+a single LDM file converted offline, and the built-in models written by utils/builtin_models.py.
+SD1 vs SD2 and epsilon vs v-prediction are read from the folder's configs: data, not code paths.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from utils.builtin_models import BUILTIN_PREFIX, BUILTINS, builtin_folder
+from utils.config_schema import ConfigError
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass
+class SDModel:
+    folder: Path                  # the local diffusers folder everything was loaded from
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict        # the model's own noise-scheduler config, class name included
+    prediction_type: str          # "epsilon" or "v_prediction"
+    is_sd2: bool                  # OpenCLIP-H text encoder (hidden size 1024)
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "unet").is_dir() and (path / "text_encoder").is_dir()
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and "\\" not in text
+
+
+def resolve_model_folder(source: str, cache_root: Path) -> Path:
+    """Turn resume_ckpt into a local diffusers folder, or raise ConfigError saying what is wrong and how to fix it."""
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name not in BUILTINS:
+            raise ConfigError(f"resume_ckpt: unknown built-in model '{name}'; choose one of: "
+                              + ", ".join(BUILTIN_PREFIX + n for n in BUILTINS))
+        return builtin_folder(name, cache_root / "builtin")
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        from utils.convert_ldm import single_file_to_diffusers
+        stat = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+        out = cache_root / "converted" / f"{path.stem}-{key}"
+        if not (out / "model_index.json").exists():
+            single_file_to_diffusers(path, out)
+        return out
+    if path.exists():
+        if _is_diffusers_folder(path):
+            return path
+        raise ConfigError(f"resume_ckpt: {path} is not a diffusers model folder (expected unet/ and "
+                          f"text_encoder/ inside it) nor a .safetensors/.ckpt file")
+    if _looks_like_hub_id(source):
+        return _download_from_hub(source)
+    raise ConfigError(f"resume_ckpt: {source} does not exist; give a diffusers folder, a .safetensors/.ckpt "
+                      f"file, a hub id like owner/name, 'findlast', or 'builtin:tiny-sd'")
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    patterns = ["model_index.json", "unet/*", "text_encoder/*", "vae/*", "tokenizer/*", "scheduler/*"]
+    try:
+        # Only the diffusers parts, and safetensors weights where the repo has them.
+        folder = snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=["*.bin", "*.ckpt",
+                                   "*fp16*", "*.msgpack", "*.onnx*"], local_files_only=offline)
+    except Exception as e:  # the hub client raises many kinds; all mean "not available here"
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
+        raise ConfigError(f"resume_ckpt: cannot get hub model '{repo_id}' ({why}); download it once with network "
+                          f"access or give a local diffusers folder") from None
+    folder = Path(folder)
+    if not _is_diffusers_folder(folder) or not any((folder / "unet").glob("*.safetensors")):
+        raise ConfigError(f"resume_ckpt: hub model '{repo_id}' has no diffusers UNet/text encoder in safetensors")
+    return folder
+
+
+def load_sd_model(folder: Path) -> SDModel:
+    """Load the five parts from a local diffusers folder (fp32; the trainer casts what it does not train)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot load the model in {folder}: {e}") from None
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler_config = json.loads(sched_path.read_text(encoding="utf-8")) if sched_path.exists() else {}
+    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"{sched_path}: prediction_type '{prediction_type}' is not supported "
+                          f"(epsilon or v_prediction)")
+    return SDModel(folder=Path(folder), unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
+                   scheduler_config=scheduler_config, prediction_type=prediction_type,
+                   is_sd2=text_encoder.config.hidden_size == 1024)

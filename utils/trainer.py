@@ -1,0 +1,581 @@
+"""The training run, top to bottom: setup, train, save, cleanup.
+
+The pieces (captions, buckets, batch order, loss, LR schedule, EMA) are pure functions in data/, optimizer/
+and utils/; this file only wires them together and owns files, devices and time.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from utils.checkpoint import (TrainState, capture_rng, checkpoint_name, find_last, load_trainer_state,
+                              prune_checkpoints, restore_rng, save_checkpoint_folder, save_trainer_state,
+                              write_json_atomic)
+from utils.config import TrainConfig, config_to_dict
+from utils.config_schema import ConfigError, to_jsonable
+from utils.run_logging import MetricsSink, add_log_file, get_logger, quiet_libraries
+
+log = get_logger()
+
+
+class StopTraining(Exception):
+    """Raised inside the loop to end the run early with a message (e.g. repeated non-finite losses)."""
+
+
+def amp_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32. auto: bf16 where the GPU has it, else fp16; fp32 on CPU."""
+    if mixed_precision == "no" or (mixed_precision == "auto" and device.type != "cuda"):
+        return None
+    if mixed_precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def steps_per_epoch(n_batches: int, grad_accum: int) -> int:
+    return math.ceil(n_batches / grad_accum)
+
+
+def accumulation_group_size(batch_index: int, n_batches: int, grad_accum: int) -> int:
+    """How many micro-batches share this one's optimizer step (the last group of an epoch may be short)."""
+    group_start = (batch_index // grad_accum) * grad_accum
+    return min(grad_accum, n_batches - group_start)
+
+
+def due(step: int, every: int | None) -> bool:
+    return bool(every) and step > 0 and step % every == 0
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        """Cheap: checks option combinations against this machine; loads nothing."""
+        self.cfg = cfg
+        from accelerate import Accelerator
+        self.accelerator = Accelerator(mixed_precision="no")  # autocast and the GradScaler are ours (see doc)
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        self.amp_dtype = amp_dtype(cfg.mixed_precision, self.device)
+        if cfg.mixed_precision in ("fp16", "bf16") and self.device.type != "cuda":
+            log.info(f"mixed_precision {cfg.mixed_precision} needs a CUDA GPU; training in fp32 on {self.device}")
+            self.amp_dtype = None
+        if cfg.attn_type == "xformers":
+            try:
+                import xformers  # noqa: F401
+            except ImportError:
+                raise ConfigError("attn_type 'xformers': xformers is not installed; use 'sdp' (torch's "
+                                  "scaled-dot-product attention, as fast) or pip install xformers") from None
+            if self.device.type != "cuda":
+                raise ConfigError("attn_type 'xformers' needs a CUDA GPU; use 'sdp'")
+        # EveryDream2's rule: with no save interval at all, save every 20 minutes.
+        self.save_minutes = cfg.ckpt_every_n_minutes if cfg.ckpt_every_n_minutes is not None else (
+            None if cfg.save_every_n_epochs else 20.0)
+        self.stop_requested: str | None = None
+        self._signals_seen = 0
+        self.log_hook = None  # benchmark timing: called with the step number at each logging step
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        quiet_libraries()
+        self.run_dir = self._make_run_dir()
+        if self.is_main:
+            self.log_handler = add_log_file(self.run_dir / f"{self.run_dir.name}.log")
+            write_json_atomic(self.run_dir / "train.json", config_to_dict(cfg))
+        log.info(f"run folder: {self.run_dir}")
+
+        self.scan = self._scan_data()              # bad data fails here, before minutes go into loading models
+        self.model_folder, resume_state = self._resolve_model()
+        self._load_models()
+        self._build_optimizers()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.state = TrainState(seed=cfg.seed)
+        self.ema = self._build_ema()
+        if resume_state is not None:
+            self._restore(resume_state)
+        self.metrics = MetricsSink(self.run_dir, enabled=self.is_main)
+        self.metrics.text("config", "```\n" + json.dumps(config_to_dict(cfg), indent=2) + "\n```")
+        self._print_summary()
+
+    def _make_run_dir(self) -> Path:
+        from accelerate.utils import broadcast_object_list
+        stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
+        broadcast_object_list(stamp)  # every process writes into the same run folder name
+        run_dir = Path(self.cfg.logdir) / f"{self.cfg.project_name}-{stamp[0]}"
+        if self.is_main:
+            (run_dir / "ckpts").mkdir(parents=True, exist_ok=True)
+        return run_dir
+
+    def _scan_data(self):
+        from data.dataset import DataSettings, scan_dataset, summarize, write_dataset_report
+        cfg = self.cfg
+        settings = DataSettings(resolution=self.resolutions, flip_p=cfg.flip_p, cond_dropout=cfg.cond_dropout,
+                                shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags)
+        scan = scan_dataset(cfg.data_root, settings)
+        if self.is_main:
+            write_dataset_report(scan, self.run_dir / "dataset.jsonl")
+        for line in summarize(scan).splitlines():
+            log.info(line)
+        return scan
+
+    @property
+    def resolutions(self) -> list[int]:
+        r = self.cfg.resolution
+        return list(r) if isinstance(r, list) else [r]
+
+    def _resolve_model(self) -> tuple[Path, dict | None]:
+        from utils.models import resolve_model_folder
+        source = self.cfg.resume_ckpt
+        folder = find_last(Path(self.cfg.logdir)) if source == "findlast" else None
+        folder = folder or resolve_model_folder(source, Path(self.cfg.logdir) / ".models")
+        state = load_trainer_state(folder)
+        log.info(f"model: {folder}" + ("  (resuming its trainer state)" if state else ""))
+        return folder, state
+
+    def _load_models(self) -> None:
+        from utils.models import load_sd_model
+        from utils.noise import make_noise_scheduler
+        cfg = self.cfg
+        sd = load_sd_model(self.model_folder)
+        self.sd = sd
+        self.noise_scheduler = make_noise_scheduler(sd.scheduler_config,
+                                                    zero_terminal_snr=cfg.enable_zero_terminal_snr)
+        self.train_unet = not cfg.disable_unet_training
+        self.train_te = not cfg.disable_textenc_training
+        frozen_dtype = self.amp_dtype or torch.float32
+        # Frozen parts run in the autocast dtype: less memory, and no fp32 copy is needed.
+        sd.vae.requires_grad_(False).to(self.device, dtype=frozen_dtype).eval()
+        sd.unet.to(self.device, dtype=torch.float32 if self.train_unet else frozen_dtype)
+        sd.text_encoder.to(self.device, dtype=torch.float32 if self.train_te else frozen_dtype)
+        if not self.train_unet:
+            sd.unet.requires_grad_(False).eval()
+        if not self.train_te:
+            sd.text_encoder.requires_grad_(False).eval()
+        if cfg.attn_type == "xformers":
+            sd.unet.enable_xformers_memory_efficient_attention()
+        elif cfg.attn_type == "slice":
+            sd.unet.set_attention_slice("auto")
+        if cfg.gradient_checkpointing:
+            if self.train_unet:
+                sd.unet.enable_gradient_checkpointing()
+            if self.train_te:
+                sd.text_encoder.gradient_checkpointing_enable()
+        if self.train_unet:
+            sd.unet.train()
+        if self.train_te:
+            sd.text_encoder.train()
+        # DDP wraps only what trains; with one process prepare() returns the modules unchanged.
+        self.unet = self.accelerator.prepare(sd.unet) if self.train_unet else sd.unet
+        self.text_encoder = self.accelerator.prepare(sd.text_encoder) if self.train_te else sd.text_encoder
+
+    def _build_optimizers(self) -> None:
+        from optimizer.build import build_optimizer_parts
+        from optimizer.config import load_optimizer_config
+        from data.dataset import epoch_batches
+        cfg = self.cfg
+        self.opt_cfg = load_optimizer_config(cfg.optimizer_config, lr_override=cfg.lr)
+        n_batches = len(epoch_batches(self.scan.items, batch_size=cfg.batch_size, seed=cfg.seed, epoch=0,
+                                      resolutions=self.resolutions, rank=self.accelerator.process_index,
+                                      world_size=self.accelerator.num_processes))
+        self.steps_per_epoch = steps_per_epoch(n_batches, cfg.grad_accum)
+        self.total_steps = self.steps_per_epoch * cfg.max_epochs
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.parts = build_optimizer_parts(
+            self.opt_cfg, unet=self.sd.unet if self.train_unet else None,
+            text_encoder=self.sd.text_encoder if self.train_te else None, total_steps=self.total_steps,
+            batch_size=cfg.batch_size * self.accelerator.num_processes, grad_accum=cfg.grad_accum,
+            scale_lr=cfg.scale_lr, device_type=self.device.type)
+        if self.is_main:
+            write_json_atomic(self.run_dir / "optimizer.json", to_jsonable(self.opt_cfg))
+
+    @property
+    def ema_params(self) -> list[torch.nn.Parameter]:
+        """The trained modules' parameters in a fixed order (EMA state and swaps rely on the order)."""
+        params = list(self.sd.unet.parameters()) if self.train_unet else []
+        return params + (list(self.sd.text_encoder.parameters()) if self.train_te else [])
+
+    def _build_ema(self):
+        from utils.ema import EMA, ema_decay_from_target
+        cfg = self.cfg
+        if cfg.ema_decay_rate is None and cfg.ema_strength_target is None:
+            return None
+        decay = cfg.ema_decay_rate
+        if cfg.ema_strength_target is not None:
+            decay = ema_decay_from_target(cfg.ema_strength_target, self.total_steps, cfg.ema_update_interval)
+        device = self.device if cfg.ema_device == "cuda" and self.device.type == "cuda" else torch.device("cpu")
+        ema = EMA(self.ema_params, decay=decay, device=device, update_interval=cfg.ema_update_interval)
+        log.info(f"EMA: decay {decay:.6f} every {cfg.ema_update_interval} steps on {device}")
+        if cfg.ema_resume_model:
+            folder = find_last(Path(cfg.logdir)).with_name(find_last(Path(cfg.logdir)).name + "_ema") \
+                if cfg.ema_resume_model == "findlast" else Path(cfg.ema_resume_model)
+            ema.copy_from(self._load_weights_like_trained(folder))
+            log.info(f"EMA weights from {folder}")
+        return ema
+
+    def _load_weights_like_trained(self, folder: Path) -> list[torch.Tensor]:
+        """The parameters of the trained parts as stored in another diffusers folder (for EMA resume)."""
+        from utils.models import load_sd_model
+        if not (folder / "unet").is_dir():
+            raise ConfigError(f"ema_resume_model: {folder} is not a diffusers model folder")
+        other = load_sd_model(folder)
+        params = list(other.unet.parameters()) if self.train_unet else []
+        return params + (list(other.text_encoder.parameters()) if self.train_te else [])
+
+    def _print_summary(self) -> None:
+        from optimizer.build import describe
+        cfg, n = self.cfg, self.accelerator.num_processes
+        precision = {None: "fp32", torch.float16: "fp16 autocast + GradScaler",
+                     torch.bfloat16: "bf16 autocast"}[self.amp_dtype]
+        log.info(f"images: {len(self.scan.items)}  steps/epoch: {self.steps_per_epoch}  total steps: "
+                 f"{self.total_steps}  effective batch: {cfg.batch_size} x {n} GPU(s) x {cfg.grad_accum} accum "
+                 f"= {cfg.batch_size * n * cfg.grad_accum}")
+        log.info(f"device: {self.device}  precision: {precision}  attention: {cfg.attn_type}  "
+                 f"gradient checkpointing: {cfg.gradient_checkpointing}")
+        for line in describe(self.parts).splitlines():
+            log.info(line)
+
+    # ------------------------------------------------------------------ resume state
+    def _state_dict(self) -> dict:
+        return {
+            "train_state": self.state.state_dict(),
+            "optimizers": {p.name: p.optimizer.state_dict() for p in self.parts} if self.cfg.save_optimizer else {},
+            "schedulers": {p.name: p.scheduler.state_dict() for p in self.parts},
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "rng": capture_rng(self.generator),
+        }
+
+    def _restore(self, sd: dict) -> None:
+        self.state = TrainState(**sd["train_state"])
+        if self.state.seed != self.cfg.seed:
+            log.info(f"warning: the checkpoint was trained with seed {self.state.seed}, this run uses "
+                     f"{self.cfg.seed}; the data order continues from the checkpoint's seed")
+        for part in self.parts:
+            if part.name in sd["optimizers"]:
+                part.optimizer.load_state_dict(sd["optimizers"][part.name])
+            else:
+                log.info(f"warning: no optimizer state for {part.name} in the checkpoint (save_optimizer was "
+                         f"false); its optimizer starts fresh")
+            if part.name in sd["schedulers"]:
+                part.scheduler.load_state_dict(sd["schedulers"][part.name])
+        if sd.get("scaler"):
+            self.scaler.load_state_dict(sd["scaler"])
+        if self.ema is not None and sd.get("ema") is not None:
+            self.ema.load_state_dict(sd["ema"])
+        elif self.ema is not None:
+            log.info("warning: the checkpoint has no EMA state; EMA starts from the current weights")
+        restore_rng(sd["rng"], self.generator)
+        log.info(f"resumed at epoch {self.state.epoch}, batch {self.state.batches_done}, "
+                 f"step {self.state.global_step}")
+
+    # ------------------------------------------------------------------ train
+    def train(self, final_outputs: bool = True) -> int:
+        """Train to max_epochs / max_steps; then sample and save (final_outputs=False skips both: benchmarks)."""
+        cfg, st = self.cfg, self.state
+        from tqdm.auto import tqdm
+        self._install_signal_handlers()
+        self.last_save_time = time.monotonic()
+        bar = tqdm(total=self.total_steps, initial=st.global_step, disable=not self.is_main, unit="step",
+                   dynamic_ncols=True)
+        window = {"loss": torch.zeros((), device=self.device), "micro": 0, "images": 0, "t0": time.perf_counter()}
+        try:
+            while st.epoch < cfg.max_epochs and not self._finished():
+                epoch_loss, epoch_micro, epoch_t0 = torch.zeros((), device=self.device), 0, time.perf_counter()
+                plans = self._epoch_plans(st.epoch)
+                bar.set_description(f"epoch {st.epoch + 1}/{cfg.max_epochs}")
+                for i, batch in enumerate(self._loader(plans, st.epoch, st.batches_done), start=st.batches_done):
+                    group = accumulation_group_size(i, len(plans), cfg.grad_accum)
+                    boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(plans)
+                    if batch is not None:
+                        loss = self._micro_step(batch, group, sync_grads=boundary)
+                        window["loss"] += loss
+                        epoch_loss += loss
+                        window["micro"] += 1
+                        epoch_micro += 1
+                        window["images"] += len(batch["captions"])
+                        st.images_seen += len(batch["captions"])
+                    if not boundary:
+                        continue
+                    norms = self._optimizer_step()
+                    if self.ema is not None:
+                        self.ema.update(self.ema_params)
+                    st.batches_done = i + 1
+                    st.global_step += 1
+                    bar.update(1)
+                    self._after_step(norms, window, bar)
+                    if self._finished() or self.stop_requested:
+                        break
+                if self.stop_requested or (self._finished() and st.batches_done < len(plans)):
+                    break
+                self._end_epoch(epoch_loss, epoch_micro, epoch_t0)
+        finally:
+            bar.close()
+        if self.stop_requested:
+            log.info(f"{self.stop_requested}: saving an interrupted checkpoint")
+            self.save(prefix="interrupted-")
+            return 143 if self.stop_requested == "SIGTERM" else 130
+        if final_outputs:
+            self.sample()
+            self.save(prefix="" if cfg.no_prepend_last else "last-")
+        return 0
+
+    def _finished(self) -> bool:
+        return self.state.global_step >= self.total_steps
+
+    def _epoch_plans(self, epoch: int):
+        from data.dataset import epoch_batches, write_schedule
+        plans = epoch_batches(self.scan.items, batch_size=self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch,
+                              resolutions=self.resolutions, rank=self.accelerator.process_index,
+                              world_size=self.accelerator.num_processes)
+        if self.cfg.write_schedule and self.is_main:
+            write_schedule(plans, self.scan.items, self.run_dir / f"ep{epoch}_batch_schedule.txt")
+        return plans
+
+    def _loader(self, plans, epoch: int, start: int):
+        from data.dataset import BatchDataset
+        dataset = BatchDataset(self.scan.items, plans[start:], seed=self.cfg.seed, epoch=epoch, first_position=start)
+        workers = self.cfg.num_workers if self.cfg.num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=None, shuffle=False, num_workers=min(workers, len(dataset)),
+            pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_sigint,
+            prefetch_factor=4 if workers else None, persistent_workers=False)
+
+    def _encode_captions(self, captions: list[str]) -> torch.Tensor:
+        from utils.text_conditioning import encode_prompts, perturb_embeddings
+        tok = self.sd.tokenizer
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device, non_blocking=True)
+        with torch.set_grad_enabled(self.train_te):
+            hidden = encode_prompts(self.text_encoder, ids, clip_skip=self.cfg.clip_skip)
+        if self.cfg.embedding_perturbation:
+            hidden = perturb_embeddings(hidden, self.generator, gamma=self.cfg.embedding_perturbation)
+        return hidden
+
+    def _micro_step(self, batch: dict, group_size: int, sync_grads: bool) -> torch.Tensor:
+        from utils.losses import mask_to_latent_weight, use_mask_this_step
+        from utils.step import compute_loss
+        cfg, sd = self.cfg, self.sd
+        pixels = batch["pixel_values"].to(self.device, dtype=sd.vae.dtype, non_blocking=True)
+        with torch.no_grad():
+            latents = sd.vae.encode(pixels).latent_dist.sample(self.generator) * sd.vae.config.scaling_factor
+        latents = latents.float()
+        pixel_weight = None
+        if batch.get("mask") is not None and use_mask_this_step(self.generator, cfg.unmasked_probability):
+            pixel_weight = mask_to_latent_weight(batch["mask"].to(self.device), latents.shape[-2:],
+                                                 unmasked_weight=cfg.unmasked_weight,
+                                                 normalize_masked_area_loss=cfg.normalize_masked_area_loss)
+        no_sync = contextlib.ExitStack()
+        if not sync_grads and self.accelerator.num_processes > 1:
+            for model in (m for m, t in ((self.unet, self.train_unet), (self.text_encoder, self.train_te)) if t):
+                no_sync.enter_context(self.accelerator.no_sync(model))
+        with no_sync, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            hidden = self._encode_captions(batch["captions"])
+            loss, _ = compute_loss(self.unet, self.noise_scheduler, latents, hidden, self.generator,
+                                   self.loss_settings, loss_scale=batch["loss_scale"], pixel_weight=pixel_weight)
+            # Micro-batches of one optimizer step are averaged, so grad_accum does not change the step size.
+            self.scaler.scale(loss / group_size).backward()
+        return loss.detach()
+
+    @property
+    def loss_settings(self):
+        from utils.step import LossSettings
+        c = self.cfg
+        return LossSettings(prediction_type=self.sd.prediction_type, loss_type=c.loss_type,
+                            min_snr_gamma=c.min_snr_gamma, debiased_estimation=c.debiased_estimation,
+                            zero_frequency_noise_ratio=c.zero_frequency_noise_ratio,
+                            pyramid_noise_discount=c.pyramid_noise_discount, timestep_start=c.timestep_start,
+                            timestep_end=c.timestep_end, huber_delta=c.huber_delta)
+
+    def _optimizer_step(self) -> dict[str, torch.Tensor]:
+        """Unscale, clip, step every part, update the scaler once. Returns grad norms as device tensors."""
+        norms = {}
+        log_now = due(self.state.global_step + 1, self.cfg.log_step)
+        if self.cfg.clip_grad_norm or log_now:
+            for part in self.parts:
+                self.scaler.unscale_(part.optimizer)
+                max_norm = self.cfg.clip_grad_norm or float("inf")
+                norms[part.name] = torch.nn.utils.clip_grad_norm_(part.params, max_norm)
+        for part in self.parts:
+            self.scaler.step(part.optimizer)
+        self.scaler.update()
+        for part in self.parts:
+            part.scheduler.step()
+            part.optimizer.zero_grad(set_to_none=True)
+        return norms
+
+    def _after_step(self, norms: dict, window: dict, bar) -> None:
+        cfg, st = self.cfg, self.state
+        if due(st.global_step, cfg.log_step):
+            self._log_window(norms, window, bar)
+            if self.log_hook:
+                self.log_hook(st.global_step)
+        if due(st.global_step, cfg.sample_steps):
+            self.sample()
+        if self.save_minutes and time.monotonic() - self.last_save_time >= self.save_minutes * 60:
+            self.save()
+
+    def _log_window(self, norms: dict, window: dict, bar) -> None:
+        from optimizer.build import current_lr
+        st = self.state
+        elapsed = time.perf_counter() - window["t0"]
+        loss = (window["loss"] / max(1, window["micro"])).item()  # the one host sync of a logging step
+        values = {"loss/log_step": loss, "performance/images per second": window["images"] / max(elapsed, 1e-9)}
+        names = {"unet": ("hyperparameter/lr unet", "optimizer/unet_grad_norm"),
+                 "text_encoder": ("hyperparameter/lr text encoder", "optimizer/te_grad_norm")}
+        for part in self.parts:
+            lr_tag, norm_tag = names[part.name]
+            values[lr_tag] = current_lr(part)
+            if part.name in norms:
+                pre = float(norms[part.name])
+                values[norm_tag.replace("_grad_norm", "_pre_clip_norm")] = pre
+                values[norm_tag] = min(pre, self.cfg.clip_grad_norm) if self.cfg.clip_grad_norm else pre
+        if self.scaler.is_enabled():
+            values["hyperparameter/grad scale"] = self.scaler.get_scale()
+        if self.device.type == "cuda":
+            values["performance/vram"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.metrics.scalars(st.global_step, values)
+        postfix = {"loss": f"{loss:.4f}", "lr": f"{values.get('hyperparameter/lr unet', values.get('hyperparameter/lr text encoder', 0)):.2e}",
+                   "img/s": f"{values['performance/images per second']:.1f}"}
+        if "performance/vram" in values:
+            postfix["vram"] = f"{values['performance/vram']:.1f}G"
+        bar.set_postfix(postfix, refresh=False)
+        window.update(loss=torch.zeros((), device=self.device), micro=0, images=0, t0=time.perf_counter())
+
+    def _end_epoch(self, epoch_loss, epoch_micro: int, t0: float) -> None:
+        cfg, st = self.cfg, self.state
+        minutes = (time.perf_counter() - t0) / 60
+        if epoch_micro:
+            self.metrics.scalars(st.global_step, {"loss/epoch": (epoch_loss / epoch_micro).item(),
+                                                  "performance/minutes per epoch": minutes})
+        st.epoch += 1
+        st.batches_done = 0
+        # Saved after the epoch's last step, so "ep N" holds exactly N epochs (EveryDream2 saved one step later).
+        if cfg.save_every_n_epochs and st.epoch % cfg.save_every_n_epochs == 0 and st.epoch < cfg.max_epochs:
+            self.save()
+
+    # ------------------------------------------------------------------ samples and checkpoints
+    def sample(self) -> None:
+        """Sample grids with the trained weights and/or the EMA weights, as configured."""
+        if not self.is_main:
+            return
+        from utils.ema import ema_weights
+        cfg = self.cfg
+        if self.ema is None:
+            return self._sample_with_current_weights("")
+        if cfg.ema_sample_nonema_model:
+            self._sample_with_current_weights("")
+        if cfg.ema_sample_ema_model or not cfg.ema_sample_nonema_model:
+            with ema_weights(self.ema, self.ema_params):
+                self._sample_with_current_weights("ema-")
+
+    def _sample_with_current_weights(self, prefix: str) -> None:
+        from utils.sampling import build_pipeline, generate, grid_with_labels, plan_samples, safe_filename
+        cfg, sd = self.cfg, self.sd
+        base = self.resolutions[0]
+        requests = plan_samples(cfg.sample_prompts, [it.caption for it in self.scan.items], seed=cfg.seed,
+                                size=(base, base))
+        unet = self.accelerator.unwrap_model(self.unet)
+        te = self.accelerator.unwrap_model(self.text_encoder)
+        was_training = unet.training, te.training
+        unet.eval(), te.eval()
+        try:
+            pipe = build_pipeline(unet, te, sd.vae, sd.tokenizer, sd.scheduler_config)
+            results = generate(pipe, requests, cfg_scales=[7.0, 4.0, 1.0], steps=cfg.sample_num_steps,
+                               device=self.device, autocast_dtype=self.amp_dtype)
+        finally:
+            unet.train(was_training[0]), te.train(was_training[1])
+        out_dir = self.run_dir / "samples"
+        out_dir.mkdir(exist_ok=True)
+        for idx, (req, images) in enumerate(results):
+            grid = grid_with_labels(images, ["cfg 7", "cfg 4", "cfg 1"])
+            name = f"{prefix}gs{self.state.global_step:05d}-{idx}-{safe_filename(req.prompt)}"
+            grid.save(out_dir / f"{name}.jpg", quality=90)
+            self.metrics.image(f"{prefix}sample_{idx}_{safe_filename(req.prompt, 40)}", grid, self.state.global_step)
+
+    def save(self, prefix: str = "") -> Path | None:
+        """A resumable diffusers checkpoint (and a single-file export); only the main process writes."""
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return None
+        cfg, st = self.cfg, self.state
+        if st.global_step == 0:
+            log.info("no optimizer step taken yet: nothing to save")
+            return None
+        name = checkpoint_name(cfg.project_name, st.epoch, st.global_step, prefix)
+        final = self.run_dir / "ckpts" / name
+        unet = self.accelerator.unwrap_model(self.unet)
+        te = self.accelerator.unwrap_model(self.text_encoder)
+
+        def write(tmp: Path) -> None:
+            self._write_model_folder(tmp, unet, te)
+            save_trainer_state(tmp, self._state_dict())
+            write_json_atomic(tmp / "train.json", config_to_dict(cfg))
+            write_json_atomic(tmp / "optimizer.json", to_jsonable(self.opt_cfg))
+
+        save_checkpoint_folder(final, write)
+        saved = [final]
+        if self.ema is not None:
+            from utils.ema import ema_weights
+            with ema_weights(self.ema, self.ema_params):
+                saved.append(save_checkpoint_folder(final.with_name(name + "_ema"),
+                                                    lambda tmp: self._write_model_folder(tmp, unet, te)))
+        self.last_save_time = time.monotonic()
+        for folder in saved:
+            log.info(f"saved {folder}")
+            if not cfg.no_save_ckpt:
+                from utils.convert_ldm import save_single_file
+                out_dir = Path(cfg.save_ckpt_dir) if cfg.save_ckpt_dir else self.run_dir / "ckpts"
+                out_dir.mkdir(parents=True, exist_ok=True)
+                path = save_single_file(folder, out_dir / f"{folder.name}.safetensors",
+                                        half=not cfg.save_full_precision)
+                log.info(f"saved {path}")
+        prune_checkpoints(self.run_dir / "ckpts", cfg.keep_last_n, protect={final})
+        return final
+
+    def _write_model_folder(self, folder: Path, unet, te) -> None:
+        """A folder StableDiffusionPipeline.from_pretrained loads; frozen parts are copied byte for byte."""
+        src = self.model_folder
+        for part, module, trained in (("unet", unet, self.train_unet), ("text_encoder", te, self.train_te)):
+            if trained:
+                module.save_pretrained(folder / part, safe_serialization=True)
+            else:
+                shutil.copytree(src / part, folder / part)
+        for part in ("vae", "tokenizer", "scheduler"):
+            if (src / part).exists():
+                shutil.copytree(src / part, folder / part)
+        shutil.copy2(src / "model_index.json", folder / "model_index.json")
+
+    # ------------------------------------------------------------------ signals and cleanup
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self._signals_seen += 1
+            if self._signals_seen > 1:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, no save
+            self.stop_requested = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
+            log.info(f"\n{self.stop_requested} received: stopping after this step (again to abort without saving)")
+        self._old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def cleanup(self) -> None:
+        if getattr(self, "ema", None) is not None:
+            self.ema.close()
+        for s, h in getattr(self, "_old_handlers", {}).items():
+            signal.signal(s, h)
+        if getattr(self, "metrics", None):
+            self.metrics.close()
+        if getattr(self, "log_handler", None):
+            log.removeHandler(self.log_handler)
+            self.log_handler.close()
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C goes to the whole process group; workers must keep feeding the batches the main process still needs.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
