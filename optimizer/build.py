@@ -184,7 +184,9 @@ def build_optimizer_parts(opt_cfg: OptimizerConfig, *, unet: torch.nn.Module | N
                           warn: Warn | None = None) -> list[OptimizerPart]:
     """One OptimizerPart per trained model. None = that model is not trained: the caller freezes it
     (module.requires_grad_(False)); this function never sees it. The text encoder's freezing is applied first.
-    Sets requires_grad on every parameter of the models it is given. Raises ConfigError."""
+    Sets requires_grad on every parameter of the models it is given. total_steps = optimizer steps of the run
+    (for the automatic warmup/decay); batch_size (summed over GPUs) and grad_accum only feed scale_lr.
+    Raises ConfigError."""
     warn = warn or stderr_warn
     if total_steps < 1 or batch_size < 1 or grad_accum < 1:
         raise ValueError(f"total_steps, batch_size and grad_accum must be at least 1, "

@@ -28,7 +28,6 @@ OPTIMIZERS = ("adamw8bit", "adamw", "lion", "lion8bit", "prodigy", "dadapt_adam"
 ADAPTIVE_OPTIMIZERS = frozenset({"prodigy", "dadapt_adam", "dadapt_lion", "dadapt_sgd"})
 # These need optimizer.train() / .eval() around evaluation and saving, and bring their own warmup.
 SCHEDULE_FREE_OPTIMIZERS = frozenset({"adamw_schedulefree"})
-EIGHT_BIT_OPTIMIZERS = frozenset({"adamw8bit", "lion8bit"})
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                  "cosine_with_hard_restarts", "polynomial", "rex")

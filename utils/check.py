@@ -12,7 +12,7 @@ def check_data(cfg: TrainConfig) -> int:
     log = get_logger()
     resolutions = cfg.resolution if isinstance(cfg.resolution, list) else [cfg.resolution]
     settings = DataSettings(resolution=resolutions, flip_p=cfg.flip_p, cond_dropout=cfg.cond_dropout,
-                            shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags)
+                            shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags, crop_jitter=cfg.crop_jitter)
     scan = scan_dataset(cfg.data_root, settings)
     out = Path(cfg.logdir) / f"{cfg.project_name}-check"
     out.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,8 @@ class TrainConfig:
     flip_p: float = doc(0.0, "Probability of a horizontal flip per image.", minimum=0.0, maximum=1.0)
     cond_dropout: float = doc(0.04, "Probability that an image's caption is replaced by the empty caption.",
                               minimum=0.0, maximum=1.0)
+    crop_jitter: float = doc(0.02, "Random crop per side at load time, as a fraction of that side (never forces "
+                                   "upscaling).", minimum=0.0, maximum=0.25)
     shuffle_tags: bool = doc(False, "Shuffle the comma-separated tags after the main prompt, anew each epoch.")
     keep_tags: int = doc(0, "With shuffle_tags: the first N tags stay in place.", minimum=0)
     write_schedule: bool = doc(False, "Write ep{N}_batch_schedule.txt (batch order, buckets, files) each epoch.")

@@ -26,9 +26,9 @@ import math
 import os
 import pickle
 import re
+import secrets
 import shutil
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable, Literal
@@ -82,13 +82,17 @@ Fmt = Literal["safetensors", "ckpt"]
 # Files: reading, atomic writing
 # --------------------------------------------------------------------------------------------------------------
 
+def _temp_sibling(path: Path) -> Path:
+    # Not tempfile.mkstemp/mkdtemp: those create 0600/0700 entries, and the renamed result must stay readable by
+    # a web UI running as another user, as any normally created file would be.
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def _atomic_write(out_path: Path, write: Callable[[Path], None]) -> Path:
     """Write through a temp file in the same folder, then os.replace: a reader never sees half a checkpoint."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _temp_sibling(out_path)
     try:
         write(tmp)
         os.replace(tmp, out_path)
@@ -102,7 +106,7 @@ def _load_ckpt(path: Path) -> dict:
     """torch.load with weights_only=True: a checkpoint that needs code execution is refused, never run."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         try:
             names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         except Exception:  # noqa: BLE001 - only used to improve the message
@@ -208,8 +212,8 @@ _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_ou
              "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
 
 
-def _int_layers(config: dict, what: str) -> int:
-    layers = config.get("layers_per_block", 2)
+def _int_layers(config: dict, what: str, default: int) -> int:
+    layers = config.get("layers_per_block", default)  # the model class's default when the config omits it
     if not isinstance(layers, int):
         raise ConfigError(f"{what}: per-block layers_per_block {layers!r} is not an SD1/SD2 topology")
     return layers
@@ -218,7 +222,7 @@ def _int_layers(config: dict, what: str) -> int:
 def _unet_prefix_map(config: dict) -> dict[str, str]:
     """diffusers prefix -> LDM prefix. LDM counts input_blocks/output_blocks straight through all levels:
     per level `layers_per_block` resnet(+attention) blocks, then one down/upsample block."""
-    levels, per = len(config["block_out_channels"]), _int_layers(config, "unet")
+    levels, per = len(config["block_out_channels"]), _int_layers(config, "unet", 2)
     m = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
          "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
          "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
@@ -242,7 +246,7 @@ def _unet_prefix_map(config: dict) -> dict[str, str]:
 
 def _vae_prefix_map(config: dict) -> dict[str, str]:
     """LDM's decoder numbers its levels from the bottom (up.{n-1} runs first), diffusers' from the top."""
-    levels, per = len(config["block_out_channels"]), _int_layers(config, "vae")
+    levels, per = len(config["block_out_channels"]), _int_layers(config, "vae", 1)
     m = {"quant_conv.": "quant_conv.", "post_quant_conv.": "post_quant_conv."}
     for part in ("encoder", "decoder"):
         m.update({f"{part}.conv_in.": f"{part}.conv_in.", f"{part}.conv_out.": f"{part}.conv_out.",
@@ -442,21 +446,35 @@ def _modelspec(version: str, pred: str, unet_config: dict, title: str) -> dict[s
             else "epsilon"}
 
 
-def diffusers_folder_to_ldm(model_folder: Path) -> tuple[dict[str, torch.Tensor], str, str, dict]:
-    """(LDM state dict in the folder's dtypes, version 'sd1'|'sd2', prediction type, unet config)."""
-    folder = Path(model_folder)
+def _component_dirs(folder: Path, base_folder: Path | None, unet_subfolder: str) -> dict[str, Path]:
+    """Where each part lives: in folder, else (parts a training checkpoint may not repeat) in base_folder."""
     if not folder.is_dir():
         raise ConfigError(f"diffusers model folder not found: {folder}")
-    missing = [c + "/" for c in ("unet", "vae", "text_encoder", "scheduler") if not (folder / c).is_dir()]
+    dirs, missing = {}, []
+    for part, sub in (("unet", unet_subfolder), ("vae", "vae"), ("text_encoder", "text_encoder"),
+                      ("scheduler", "scheduler")):
+        found = next((d / sub for d in (folder, base_folder) if d is not None and (d / sub).is_dir()), None)
+        if found is None:
+            missing.append(sub + "/")
+        dirs[part] = found
     if missing:
-        raise ConfigError(f"{folder}: not a diffusers Stable Diffusion folder (missing {', '.join(missing)})")
-    unet_cfg = _read_json(folder / "unet" / "config.json")
-    vae_cfg = _read_json(folder / "vae" / "config.json")
-    te_cfg = _read_json(folder / "text_encoder" / "config.json")
-    sched_cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
-    sd = {**unet_to_ldm(_read_weights(folder / "unet"), unet_cfg),
-          **vae_to_ldm(_read_weights(folder / "vae"), vae_cfg),
-          **text_encoder_to_ldm(_read_weights(folder / "text_encoder"), te_cfg),
+        where = f" or {base_folder}" if base_folder is not None else ""
+        raise ConfigError(f"{folder}: not a diffusers Stable Diffusion folder (missing {', '.join(missing)}"
+                          f"{where})")
+    return dirs
+
+
+def diffusers_folder_to_ldm(model_folder: Path, *, base_folder: Path | None = None, unet_subfolder: str = "unet"
+                            ) -> tuple[dict[str, torch.Tensor], str, str, dict]:
+    """(LDM state dict in the folder's dtypes, version 'sd1'|'sd2', prediction type, unet config)."""
+    d = _component_dirs(Path(model_folder), None if base_folder is None else Path(base_folder), unet_subfolder)
+    unet_cfg = _read_json(d["unet"] / "config.json")
+    vae_cfg = _read_json(d["vae"] / "config.json")
+    te_cfg = _read_json(d["text_encoder"] / "config.json")
+    sched_cfg = _read_json(d["scheduler"] / "scheduler_config.json")
+    sd = {**unet_to_ldm(_read_weights(d["unet"]), unet_cfg),
+          **vae_to_ldm(_read_weights(d["vae"]), vae_cfg),
+          **text_encoder_to_ldm(_read_weights(d["text_encoder"]), te_cfg),
           **schedule_buffers(sched_cfg)}
     version = "sd2" if is_open_clip_text_config(te_cfg) else "sd1"
     return sd, version, _prediction_type(sched_cfg), unet_cfg
@@ -467,12 +485,15 @@ def sidecar_name(version: str, prediction_type: str) -> str | None:
     return SIDECARS[(version, prediction_type)]
 
 
-def save_single_file(model_folder: Path, out_path: Path, *, half: bool = True, fmt: Fmt = "safetensors") -> Path:
+def save_single_file(model_folder: Path, out_path: Path, *, half: bool = True, fmt: Fmt = "safetensors",
+                     base_folder: Path | None = None, unet_subfolder: str = "unet") -> Path:
     """Convert a diffusers SD1/SD2 folder (unet/, vae/, text_encoder/, scheduler/) into one LDM checkpoint.
 
     fp16 by default, fp32 with half=False. SD2 and v-prediction models also get `<stem>.yaml` next to the file
     (v2-inference.yaml, v2-inference-v.yaml or v1-inference-v.yaml), which web UIs need to pick the right config.
     Every file is written atomically. Returns out_path.
+    base_folder: where parts missing from model_folder (a checkpoint that saved only what it trains) are read.
+    unet_subfolder: e.g. "ema_unet" to export the EMA weights instead.
     """
     out_path = Path(out_path)
     if fmt not in ("safetensors", "ckpt"):
@@ -480,7 +501,8 @@ def save_single_file(model_folder: Path, out_path: Path, *, half: bool = True, f
     want = "." + fmt
     if out_path.suffix.lower() != want:
         raise ConfigError(f"{out_path}: a {fmt} checkpoint must be named *{want}")
-    sd, version, pred, unet_cfg = diffusers_folder_to_ldm(model_folder)
+    sd, version, pred, unet_cfg = diffusers_folder_to_ldm(model_folder, base_folder=base_folder,
+                                                          unet_subfolder=unet_subfolder)
     _save_tensors(_cast(sd, half), out_path, fmt, _modelspec(version, pred, unet_cfg, out_path.stem))
     _write_sidecar(out_path, sidecar_name(version, pred))
     return out_path
@@ -531,16 +553,16 @@ def detect_version(sd: dict[str, torch.Tensor], source: str | Path) -> str:
     return "sd2" if clip2 else "sd1"
 
 
-def _yaml_prediction_type(yaml_path: Path) -> str | None:
+def _yaml_prediction_type(yaml_path: Path) -> str:
     import yaml
     try:
         cfg = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{yaml_path}: cannot read the LDM config sidecar: {e}") from None
-    try:
-        params = cfg["model"]["params"]
-    except (TypeError, KeyError):
-        raise ConfigError(f"{yaml_path}: not an LDM config (no model.params)") from None
+    params = cfg.get("model", {}).get("params") if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) \
+        else None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{yaml_path}: not an LDM config (no model.params)")
     return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
 
 
@@ -583,7 +605,7 @@ def diffusers_configs_from_ldm(original_config: dict, sd: dict[str, torch.Tensor
     ch_mult = original_config["model"]["params"]["first_stage_config"]["params"]["ddconfig"]["ch_mult"]
     unet["sample_size"], vae["sample_size"] = latent, latent * 2 ** (len(ch_mult) - 1)
     if version == "sd2":
-        unet["upcast_attention"] = True  # SD2.1 overflows fp16 attention without it (diffusers sets it too)
+        unet["upcast_attention"] = True  # SD2.1 overflows fp16 attention without it (diffusers sets it for 2.1)
     return unet, vae
 
 
@@ -702,7 +724,8 @@ def write_diffusers_folder(sd: dict[str, torch.Tensor], out_folder: Path, *, une
     _load_strict(text_encoder, ldm_to_text_encoder(sd, text_config), "text encoder", source)
 
     out_folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_folder.name}.", suffix=".tmp", dir=out_folder.parent))
+    tmp = _temp_sibling(out_folder)
+    tmp.mkdir()
     try:
         unet.save_pretrained(tmp / "unet")
         vae.save_pretrained(tmp / "vae")
@@ -820,6 +843,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("out", type=Path)
     a.add_argument("--fp32", action="store_true", help="keep full precision (default: fp16)")
     a.add_argument("--ckpt", action="store_true", help="write a pickled .ckpt instead of .safetensors")
+    a.add_argument("--base", type=Path, default=None,
+                   help="diffusers folder to take parts missing from model_folder from (e.g. vae/, scheduler/)")
+    a.add_argument("--unet-subfolder", default="unet", help="UNet subfolder to export, e.g. ema_unet")
     b = sub.add_parser("to-diffusers", help=".safetensors/.ckpt -> diffusers folder")
     b.add_argument("file", type=Path)
     b.add_argument("out_folder", type=Path)
@@ -840,7 +866,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "to-single":
             fmt: Fmt = "ckpt" if args.ckpt or args.out.suffix.lower() == ".ckpt" else "safetensors"
-            out = save_single_file(args.model_folder, args.out, half=not args.fp32, fmt=fmt)
+            out = save_single_file(args.model_folder, args.out, half=not args.fp32, fmt=fmt, base_folder=args.base,
+                                   unet_subfolder=args.unet_subfolder)
             sidecar = out.with_suffix(".yaml")
             print(f"wrote {out}" + (f" and {sidecar}" if sidecar.is_file() else ""))
         elif args.command == "to-diffusers":

@@ -5,6 +5,7 @@ latents (VAE-encoded upstream) + text embeddings -> noise, timesteps -> noisy la
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,13 @@ from torch import Tensor
 
 from utils.losses import loss_per_sample, training_target, timestep_weights
 from utils.noise import sample_noise, sample_timesteps
+
+
+def batch_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of one micro-batch's noise, timesteps and latent sample: a pure function of where the batch stands
+    in the run, so a resumed run, or N processes splitting the batches, draw exactly what one process would."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{position}:step".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ from utils.checkpoint import (TrainState, capture_rng, checkpoint_name, find_las
                               prune_checkpoints, restore_rng, save_checkpoint_folder, save_trainer_state,
                               write_json_atomic)
 from utils.config import TrainConfig, config_to_dict
-from utils.config_schema import ConfigError, to_jsonable
+from utils.config_schema import ConfigError
+from optimizer.build import eval_weights, grad_scaler_tweak, set_train_mode
+from optimizer.config import optimizer_config_to_json
 from utils.run_logging import MetricsSink, add_log_file, get_logger, quiet_libraries
 
 log = get_logger()
@@ -118,7 +120,7 @@ class Trainer:
         from data.dataset import DataSettings, scan_dataset, summarize, write_dataset_report
         cfg = self.cfg
         settings = DataSettings(resolution=self.resolutions, flip_p=cfg.flip_p, cond_dropout=cfg.cond_dropout,
-                                shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags)
+                                shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags, crop_jitter=cfg.crop_jitter)
         scan = scan_dataset(cfg.data_root, settings)
         if self.is_main:
             write_dataset_report(scan, self.run_dir / "dataset.jsonl")
@@ -182,11 +184,13 @@ class Trainer:
         from data.dataset import epoch_batches
         cfg = self.cfg
         self.opt_cfg = load_optimizer_config(cfg.optimizer_config, lr_override=cfg.lr)
-        n_batches = len(epoch_batches(self.scan.items, batch_size=cfg.batch_size, seed=cfg.seed, epoch=0,
-                                      resolutions=self.resolutions, rank=self.accelerator.process_index,
-                                      world_size=self.accelerator.num_processes))
-        self.steps_per_epoch = steps_per_epoch(n_batches, cfg.grad_accum)
-        self.total_steps = self.steps_per_epoch * cfg.max_epochs
+        # Fractional multipliers and multi-resolution make epochs differ by a few batches: then count them all.
+        varies = len(self.resolutions) > 1 or any(it.multiply % 1 for it in self.scan.items)
+        self.epoch_steps = [steps_per_epoch(len(self._epoch_plans(e, write=False)), cfg.grad_accum)
+                            for e in range(cfg.max_epochs if varies else 1)]
+        self.epoch_steps += [self.epoch_steps[0]] * (cfg.max_epochs - len(self.epoch_steps))
+        self.steps_per_epoch = self.epoch_steps[0]
+        self.total_steps = sum(self.epoch_steps)
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.parts = build_optimizer_parts(
@@ -195,7 +199,7 @@ class Trainer:
             batch_size=cfg.batch_size * self.accelerator.num_processes, grad_accum=cfg.grad_accum,
             scale_lr=cfg.scale_lr, device_type=self.device.type)
         if self.is_main:
-            write_json_atomic(self.run_dir / "optimizer.json", to_jsonable(self.opt_cfg))
+            write_json_atomic(self.run_dir / "optimizer.json", optimizer_config_to_json(self.opt_cfg))
 
     @property
     def ema_params(self) -> list[torch.nn.Parameter]:
@@ -274,6 +278,7 @@ class Trainer:
         elif self.ema is not None:
             log.info("warning: the checkpoint has no EMA state; EMA starts from the current weights")
         restore_rng(sd["rng"], self.generator)
+        set_train_mode(self.parts, True)  # a schedule-free state saved in eval mode must step in train mode
         log.info(f"resumed at epoch {self.state.epoch}, batch {self.state.batches_done}, "
                  f"step {self.state.global_step}")
 
@@ -295,6 +300,8 @@ class Trainer:
                 for i, batch in enumerate(self._loader(plans, st.epoch, st.batches_done), start=st.batches_done):
                     group = accumulation_group_size(i, len(plans), cfg.grad_accum)
                     boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(plans)
+                    for path, reason in (batch or {}).get("skipped", []):
+                        log.info(f"warning: skipped {path} at load time: {reason}")
                     if batch is not None:
                         loss = self._micro_step(batch, group, sync_grads=boundary)
                         window["loss"] += loss
@@ -331,12 +338,12 @@ class Trainer:
     def _finished(self) -> bool:
         return self.state.global_step >= self.total_steps
 
-    def _epoch_plans(self, epoch: int):
+    def _epoch_plans(self, epoch: int, write: bool = True):
         from data.dataset import epoch_batches, write_schedule
         plans = epoch_batches(self.scan.items, batch_size=self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch,
                               resolutions=self.resolutions, rank=self.accelerator.process_index,
                               world_size=self.accelerator.num_processes)
-        if self.cfg.write_schedule and self.is_main:
+        if write and self.cfg.write_schedule and self.is_main:
             write_schedule(plans, self.scan.items, self.run_dir / f"ep{epoch}_batch_schedule.txt")
         return plans
 
@@ -363,7 +370,9 @@ class Trainer:
     def _micro_step(self, batch: dict, group_size: int, sync_grads: bool) -> torch.Tensor:
         from utils.losses import mask_to_latent_weight, use_mask_this_step
         from utils.step import compute_loss
+        from utils.step import batch_seed
         cfg, sd = self.cfg, self.sd
+        self.generator.manual_seed(batch_seed(cfg.seed, self.state.epoch, batch["position"]))
         pixels = batch["pixel_values"].to(self.device, dtype=sd.vae.dtype, non_blocking=True)
         with torch.no_grad():
             latents = sd.vae.encode(pixels).latent_dist.sample(self.generator) * sd.vae.config.scaling_factor
@@ -398,7 +407,7 @@ class Trainer:
     def _optimizer_step(self) -> dict[str, torch.Tensor]:
         """Unscale, clip, step every part, update the scaler once. Returns grad norms as device tensors."""
         norms = {}
-        log_now = due(self.state.global_step + 1, self.cfg.log_step)
+        log_now = due(self.state.global_step + 1, self.cfg.log_step) and self.opt_cfg.log_grad_norm
         if self.cfg.clip_grad_norm or log_now:
             for part in self.parts:
                 self.scaler.unscale_(part.optimizer)
@@ -407,6 +416,12 @@ class Trainer:
         for part in self.parts:
             self.scaler.step(part.optimizer)
         self.scaler.update()
+        if self.scaler.is_enabled() and self.opt_cfg.apply_grad_scaler_step_tweaks:
+            if tweak := grad_scaler_tweak(self.state.global_step + 1):
+                growth, backoff, interval = tweak
+                self.scaler.set_growth_factor(growth)
+                self.scaler.set_backoff_factor(backoff)
+                self.scaler.set_growth_interval(interval)
         for part in self.parts:
             part.scheduler.step()
             part.optimizer.zero_grad(set_to_none=True)
@@ -467,6 +482,10 @@ class Trainer:
         """Sample grids with the trained weights and/or the EMA weights, as configured."""
         if not self.is_main:
             return
+        with eval_weights(self.parts):
+            self._sample_all()
+
+    def _sample_all(self) -> None:
         from utils.ema import ema_weights
         cfg = self.cfg
         if self.ema is None:
@@ -519,9 +538,10 @@ class Trainer:
             self._write_model_folder(tmp, unet, te)
             save_trainer_state(tmp, self._state_dict())
             write_json_atomic(tmp / "train.json", config_to_dict(cfg))
-            write_json_atomic(tmp / "optimizer.json", to_jsonable(self.opt_cfg))
+            write_json_atomic(tmp / "optimizer.json", optimizer_config_to_json(self.opt_cfg))
 
-        save_checkpoint_folder(final, write)
+        with eval_weights(self.parts):  # schedule-free optimizers: the averaged weights are the model
+            save_checkpoint_folder(final, write)
         saved = [final]
         if self.ema is not None:
             from utils.ema import ema_weights

@@ -89,7 +89,9 @@ def _open_clip_h_text() -> dict[str, list[int]]:
     try:
         import torchvision  # noqa: F401
     except ImportError:
-        import transformers  # noqa: F401  (open_clip.hf_model imports it; let it see no torchvision first)  # open_clip.utils imports FrozenBatchNorm2d for ResNet towers only; a stand-in suffices
+        # open_clip.utils imports FrozenBatchNorm2d for ResNet towers only, so a stand-in suffices. transformers
+        # (imported by open_clip.hf_model) must be imported before the stand-in exists, or it takes it for real.
+        import transformers  # noqa: F401
         for name in ("torchvision", "torchvision.ops", "torchvision.ops.misc"):
             sys.modules[name] = types.ModuleType(name)
         sys.modules["torchvision.ops.misc"].FrozenBatchNorm2d = type("FrozenBatchNorm2d", (), {})
@@ -133,8 +135,8 @@ def main() -> None:
         "schedule_sample_timesteps": SCHEDULE_SAMPLE,
         "schedule_sample_values": schedule,
     }
-    with gzip.open(OUT, "wt", encoding="utf-8") as f:
-        json.dump(ref, f, sort_keys=True, separators=(",", ":"))
+    data = json.dumps(ref, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    OUT.write_bytes(gzip.compress(data, mtime=0))  # mtime 0: the same inputs give the same bytes
     print(f"{OUT}: sd15 {len(ref['sd15'])} tensors, sd21 {len(ref['sd21'])} tensors")
 
 
