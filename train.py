@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         if flags.get("check"):
             from utils.check import check_data
             return check_data(cfg)
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, config_path=flags.get("config"))
         trainer.setup()
         return trainer.train()
     except ConfigError as e:

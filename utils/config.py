@@ -25,6 +25,9 @@ class TrainConfig:
     resume_ckpt: str = doc("", "Model to start from: a local diffusers folder, a hub id (needs network), "
                                "'findlast' (newest checkpoint under logdir), or 'builtin:tiny-sd' / "
                                "'builtin:sd15' / 'builtin:sd21' (built locally, random weights).")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = doc(
+        "auto", "What the model predicts. auto: from the model's scheduler config (or a single file's .yaml "
+                "sidecar); set v_prediction for an SD2 768-v single file without a sidecar.")
     data_root: str = doc("input", "Folder of training images, searched recursively.")
     resolution: int | list[int] = doc(512, "Base training resolution; aspect buckets keep about resolution² "
                                            "pixels. A list, e.g. [448, 512, 576], trains each batch at one of "
@@ -125,6 +128,13 @@ class TrainConfig:
                                      "(false saves disk; the optimizer then restarts).")
     keep_last_n: int | None = doc(None, "Keep only the newest N checkpoints of the run (null: keep all).",
                                   minimum=1)
+    save_ckpts_from_n_epochs: int = doc(0, "Skip the save_every_n_epochs saves before this epoch (time-based "
+                                           "saves still happen).", minimum=0)
+    load_settings_every_epoch: bool = doc(False, "Re-read the config file at each epoch start for the keys that may "
+                                                 "change mid-run: save_every_n_epochs, save_ckpts_from_n_epochs, "
+                                                 "save_full_precision, save_optimizer, ckpt_every_n_minutes, "
+                                                 "zero_frequency_noise_ratio, min_snr_gamma, clip_skip, sample_steps, "
+                                                 "log_step.")
     no_prepend_last: bool = doc(False, "Do not prefix the final checkpoint's name with 'last-'.")
     config_version: int = doc(CONFIG_VERSION, "Version of this file's format; older versions are migrated.",
                               minimum=1, maximum=CONFIG_VERSION)
@@ -205,6 +215,25 @@ def _parse_cli(argv: list[str]) -> tuple[dict, dict]:
         if fields[name][1] in (str, str | None) and not isinstance(values[name], str) and values[name] is not None:
             values[name] = text
     return flags, values
+
+
+# The keys load_settings_every_epoch re-reads (EveryDream2's list, plus the save/sample/log intervals).
+LIVE_KEYS = ("save_every_n_epochs", "save_ckpts_from_n_epochs", "save_full_precision", "save_optimizer",
+             "ckpt_every_n_minutes", "zero_frequency_noise_ratio", "min_snr_gamma", "clip_skip", "sample_steps",
+             "log_step")
+
+
+def reload_live_settings(path: str, cfg: TrainConfig) -> dict:
+    """Re-read path and apply the LIVE_KEYS it sets (strictly checked) to cfg. Returns {key: (old, new)}."""
+    raw = migrate(read_json(path, "config file"), path, lambda _msg: None)
+    live = {k: v for k, v in raw.items() if k in LIVE_KEYS}
+    values, problems = check_fields(TrainConfig, live, path)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    changes = {k: (getattr(cfg, k), v) for k, v in values.items() if getattr(cfg, k) != v}
+    for key, (_old, new) in changes.items():
+        setattr(cfg, key, new)
+    return changes
 
 
 def validate(cfg: TrainConfig) -> list[str]:

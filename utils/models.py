@@ -42,7 +42,7 @@ def _looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and "\\" not in text
 
 
-def resolve_model_folder(source: str, cache_root: Path) -> Path:
+def resolve_model_folder(source: str, cache_root: Path, prediction_type: str | None = None) -> Path:
     """Turn resume_ckpt into a local diffusers folder, or raise ConfigError saying what is wrong and how to fix it."""
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX):]
@@ -54,10 +54,10 @@ def resolve_model_folder(source: str, cache_root: Path) -> Path:
     if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         from utils.convert_ldm import single_file_to_diffusers
         stat = path.stat()
-        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-        out = cache_root / "converted" / f"{path.stem}-{key}"
+        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{prediction_type}".encode())
+        out = cache_root / "converted" / f"{path.stem}-{key.hexdigest()[:10]}"
         if not (out / "model_index.json").exists():
-            single_file_to_diffusers(path, out)
+            single_file_to_diffusers(path, out, prediction_type=prediction_type)
         return out
     if path.exists():
         if _is_diffusers_folder(path):
@@ -88,8 +88,9 @@ def _download_from_hub(repo_id: str) -> Path:
     return folder
 
 
-def load_sd_model(folder: Path) -> SDModel:
-    """Load the five parts from a local diffusers folder (fp32; the trainer casts what it does not train)."""
+def load_sd_model(folder: Path, prediction_type: str | None = None) -> SDModel:
+    """Load the five parts from a local diffusers folder (fp32; the trainer casts what it does not train).
+    prediction_type overrides the scheduler config's (for folders converted without the right setting)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -102,6 +103,8 @@ def load_sd_model(folder: Path) -> SDModel:
         raise ConfigError(f"cannot load the model in {folder}: {e}") from None
     sched_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(sched_path.read_text(encoding="utf-8")) if sched_path.exists() else {}
+    if prediction_type:
+        scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ConfigError(f"{sched_path}: prediction_type '{prediction_type}' is not supported "

@@ -29,6 +29,13 @@ from utils.run_logging import MetricsSink, add_log_file, get_logger, quiet_libra
 log = get_logger()
 
 
+OOM_ADVICE = ("error: CUDA out of memory. Lower, in this order: batch_size (now {batch_size}; grad_accum keeps the "
+              "effective batch), resolution (now {resolution}); or turn on gradient_checkpointing, use "
+              "mixed_precision bf16/fp16, attn_type slice, ema_device cpu, disable_textenc_training. Trying to save "
+              "the current weights as an interrupted checkpoint.")
+NONFINITE_STEP_LIMIT = 20  # skipped steps in a row before training stops: fp16 calibration skips only a few
+
+
 class StopTraining(Exception):
     """Raised inside the loop to end the run early with a message (e.g. repeated non-finite losses)."""
 
@@ -57,9 +64,10 @@ def due(step: int, every: int | None) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, config_path: str | None = None):
         """Cheap: checks option combinations against this machine; loads nothing."""
         self.cfg = cfg
+        self.config_path = config_path  # re-read each epoch with load_settings_every_epoch
         from accelerate import Accelerator
         self.accelerator = Accelerator(mixed_precision="no")  # autocast and the GradScaler are ours (see doc)
         self.device = self.accelerator.device
@@ -76,11 +84,9 @@ class Trainer:
                                   "scaled-dot-product attention, as fast) or pip install xformers") from None
             if self.device.type != "cuda":
                 raise ConfigError("attn_type 'xformers' needs a CUDA GPU; use 'sdp'")
-        # EveryDream2's rule: with no save interval at all, save every 20 minutes.
-        self.save_minutes = cfg.ckpt_every_n_minutes if cfg.ckpt_every_n_minutes is not None else (
-            None if cfg.save_every_n_epochs else 20.0)
         self.stop_requested: str | None = None
         self._signals_seen = 0
+        self.nonfinite_run = 0
         self.log_hook = None  # benchmark timing: called with the step number at each logging step
 
     # ------------------------------------------------------------------ setup
@@ -129,6 +135,10 @@ class Trainer:
         return scan
 
     @property
+    def prediction_override(self) -> str | None:
+        return None if self.cfg.prediction_type == "auto" else self.cfg.prediction_type
+
+    @property
     def resolutions(self) -> list[int]:
         r = self.cfg.resolution
         return list(r) if isinstance(r, list) else [r]
@@ -137,7 +147,7 @@ class Trainer:
         from utils.models import resolve_model_folder
         source = self.cfg.resume_ckpt
         folder = find_last(Path(self.cfg.logdir)) if source == "findlast" else None
-        folder = folder or resolve_model_folder(source, Path(self.cfg.logdir) / ".models")
+        folder = folder or resolve_model_folder(source, Path(self.cfg.logdir) / ".models", self.prediction_override)
         state = load_trainer_state(folder)
         log.info(f"model: {folder}" + ("  (resuming its trainer state)" if state else ""))
         return folder, state
@@ -146,7 +156,7 @@ class Trainer:
         from utils.models import load_sd_model
         from utils.noise import make_noise_scheduler
         cfg = self.cfg
-        sd = load_sd_model(self.model_folder)
+        sd = load_sd_model(self.model_folder, self.prediction_override)
         self.sd = sd
         self.noise_scheduler = make_noise_scheduler(sd.scheduler_config,
                                                     zero_terminal_snr=cfg.enable_zero_terminal_snr)
@@ -284,46 +294,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ train
     def train(self, final_outputs: bool = True) -> int:
-        """Train to max_epochs / max_steps; then sample and save (final_outputs=False skips both: benchmarks)."""
+        """Train to max_epochs / max_steps; then sample and save (final_outputs=False skips both: benchmarks).
+        Returns the process exit code: 0 done, 130/143 stopped by SIGINT/SIGTERM, 1 stopped by an error."""
         cfg, st = self.cfg, self.state
         from tqdm.auto import tqdm
         self._install_signal_handlers()
         self.last_save_time = time.monotonic()
         bar = tqdm(total=self.total_steps, initial=st.global_step, disable=not self.is_main, unit="step",
                    dynamic_ncols=True)
-        window = {"loss": torch.zeros((), device=self.device), "micro": 0, "images": 0, "t0": time.perf_counter()}
+        self.window = {"loss": torch.zeros((), device=self.device), "micro": 0, "images": 0,
+                       "t0": time.perf_counter()}
         try:
-            while st.epoch < cfg.max_epochs and not self._finished():
-                epoch_loss, epoch_micro, epoch_t0 = torch.zeros((), device=self.device), 0, time.perf_counter()
-                plans = self._epoch_plans(st.epoch)
-                bar.set_description(f"epoch {st.epoch + 1}/{cfg.max_epochs}")
-                for i, batch in enumerate(self._loader(plans, st.epoch, st.batches_done), start=st.batches_done):
-                    group = accumulation_group_size(i, len(plans), cfg.grad_accum)
-                    boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(plans)
-                    for path, reason in (batch or {}).get("skipped", []):
-                        log.info(f"warning: skipped {path} at load time: {reason}")
-                    if batch is not None:
-                        loss = self._micro_step(batch, group, sync_grads=boundary)
-                        window["loss"] += loss
-                        epoch_loss += loss
-                        window["micro"] += 1
-                        epoch_micro += 1
-                        window["images"] += len(batch["captions"])
-                        st.images_seen += len(batch["captions"])
-                    if not boundary:
-                        continue
-                    norms = self._optimizer_step()
-                    if self.ema is not None:
-                        self.ema.update(self.ema_params)
-                    st.batches_done = i + 1
-                    st.global_step += 1
-                    bar.update(1)
-                    self._after_step(norms, window, bar)
-                    if self._finished() or self.stop_requested:
-                        break
-                if self.stop_requested or (self._finished() and st.batches_done < len(plans)):
-                    break
-                self._end_epoch(epoch_loss, epoch_micro, epoch_t0)
+            while st.epoch < cfg.max_epochs and not self._finished() and not self.stop_requested:
+                self._reload_live_settings()
+                self._train_epoch(bar)
+        except StopTraining as e:
+            log.info(f"error: {e}")
+            return 1
+        except torch.OutOfMemoryError:
+            log.info(OOM_ADVICE.format(batch_size=cfg.batch_size, resolution=cfg.resolution))
+            self._rescue_save()
+            return 1
         finally:
             bar.close()
         if self.stop_requested:
@@ -334,6 +325,72 @@ class Trainer:
             self.sample()
             self.save(prefix="" if cfg.no_prepend_last else "last-")
         return 0
+
+    def _train_epoch(self, bar) -> None:
+        """One epoch from where the state stands (mid-epoch after a resume) to its end, max_steps or a stop."""
+        cfg, st, window = self.cfg, self.state, self.window
+        epoch_loss, epoch_micro, epoch_t0 = torch.zeros((), device=self.device), 0, time.perf_counter()
+        group_loss = torch.zeros((), device=self.device)
+        plans = self._epoch_plans(st.epoch)
+        bar.set_description(f"epoch {st.epoch + 1}/{cfg.max_epochs}")
+        for i, batch in enumerate(self._loader(plans, st.epoch, st.batches_done), start=st.batches_done):
+            boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(plans)
+            for path, reason in (batch or {}).get("skipped", []):
+                log.info(f"warning: skipped {path} at load time: {reason}")
+            if batch is not None:
+                loss = self._micro_step(batch, accumulation_group_size(i, len(plans), cfg.grad_accum),
+                                        sync_grads=boundary)
+                group_loss += loss
+                epoch_loss += loss
+                epoch_micro += 1
+                window["loss"] += loss
+                window["micro"] += 1
+                window["images"] += len(batch["captions"])
+                st.images_seen += len(batch["captions"])
+            if not boundary:
+                continue
+            norms = self._optimizer_step(group_loss)
+            group_loss = torch.zeros((), device=self.device)
+            if self.ema is not None:
+                self.ema.update(self.ema_params)
+            st.batches_done = i + 1
+            st.global_step += 1
+            bar.update(1)
+            self._after_step(norms, window, bar)
+            if self._finished() or self.stop_requested:
+                break
+        if st.batches_done == len(plans):
+            self._end_epoch(epoch_loss, epoch_micro, epoch_t0)
+
+    def _reload_live_settings(self) -> None:
+        """EveryDream2's load_settings_every_epoch: re-read train.json for the keys that may change mid-run."""
+        if not (self.cfg.load_settings_every_epoch and self.config_path):
+            return
+        from utils.config import reload_live_settings
+        try:
+            changes = reload_live_settings(self.config_path, self.cfg)
+        except ConfigError as e:
+            log.info(f"warning: load_settings_every_epoch: {e}; keeping the current settings")
+            return
+        for key, (old, new) in changes.items():
+            log.info(f"epoch {self.state.epoch + 1}: {key} {old} -> {new} (from {self.config_path})")
+
+    def _rescue_save(self) -> None:
+        """After an error in the loop the weights are those of the last optimizer step: keep them if we can."""
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.save(prefix="interrupted-")
+        except Exception as e:  # the run is already failing; say why the rescue failed too
+            log.info(f"could not save the current state ({type(e).__name__}: {e}); the last checkpoint is intact")
+
+    @property
+    def save_minutes(self) -> float | None:
+        """EveryDream2's rule: with no save interval at all, save every 20 minutes."""
+        cfg = self.cfg
+        if cfg.ckpt_every_n_minutes is not None:
+            return cfg.ckpt_every_n_minutes
+        return None if cfg.save_every_n_epochs else 20.0
 
     def _finished(self) -> bool:
         return self.state.global_step >= self.total_steps
@@ -404,8 +461,19 @@ class Trainer:
                             pyramid_noise_discount=c.pyramid_noise_discount, timestep_start=c.timestep_start,
                             timestep_end=c.timestep_end, huber_delta=c.huber_delta)
 
-    def _optimizer_step(self) -> dict[str, torch.Tensor]:
-        """Unscale, clip, step every part, update the scaler once. Returns grad norms as device tensors."""
+    def _optimizer_step(self, step_loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unscale, clip, step every part, update the scaler once. Returns grad norms as device tensors.
+
+        A step whose loss or gradients are not finite changes no weight: fp16's GradScaler skips it by itself
+        (it syncs with the host each step anyway); in bf16/fp32 the loss is checked here, one host sync a step."""
+        if self.scaler.is_enabled():
+            scale_before = self.scaler.get_scale()
+        elif not torch.isfinite(step_loss):
+            for part in self.parts:
+                part.optimizer.zero_grad(set_to_none=True)
+                part.scheduler.step()
+            self._count_nonfinite(True)
+            return {}
         norms = {}
         log_now = due(self.state.global_step + 1, self.cfg.log_step) and self.opt_cfg.log_grad_norm
         if self.cfg.clip_grad_norm or log_now:
@@ -416,6 +484,7 @@ class Trainer:
         for part in self.parts:
             self.scaler.step(part.optimizer)
         self.scaler.update()
+        self._count_nonfinite(self.scaler.is_enabled() and self.scaler.get_scale() < scale_before)
         if self.scaler.is_enabled() and self.opt_cfg.apply_grad_scaler_step_tweaks:
             if tweak := grad_scaler_tweak(self.state.global_step + 1):
                 growth, backoff, interval = tweak
@@ -426,6 +495,18 @@ class Trainer:
             part.scheduler.step()
             part.optimizer.zero_grad(set_to_none=True)
         return norms
+
+    def _count_nonfinite(self, skipped: bool) -> None:
+        self.nonfinite_run = self.nonfinite_run + 1 if skipped else 0
+        if skipped:
+            log.info(f"warning: step {self.state.global_step + 1}: non-finite loss or gradients, step skipped "
+                     f"({self.nonfinite_run} in a row)")
+        if self.nonfinite_run >= NONFINITE_STEP_LIMIT:
+            raise StopTraining(
+                f"{NONFINITE_STEP_LIMIT} optimizer steps in a row had non-finite (NaN/inf) loss or gradients; the "
+                f"weights were not changed by them, and no checkpoint is written from this state. Lower lr, set "
+                f"clip_grad_norm (e.g. 1.0), or use mixed_precision bf16 instead of fp16, then resume from the "
+                f"last checkpoint.")
 
     def _after_step(self, norms: dict, window: dict, bar) -> None:
         cfg, st = self.cfg, self.state
@@ -474,7 +555,8 @@ class Trainer:
         st.epoch += 1
         st.batches_done = 0
         # Saved after the epoch's last step, so "ep N" holds exactly N epochs (EveryDream2 saved one step later).
-        if cfg.save_every_n_epochs and st.epoch % cfg.save_every_n_epochs == 0 and st.epoch < cfg.max_epochs:
+        if (cfg.save_every_n_epochs and st.epoch % cfg.save_every_n_epochs == 0 and st.epoch < cfg.max_epochs
+                and st.epoch >= cfg.save_ckpts_from_n_epochs):
             self.save()
 
     # ------------------------------------------------------------------ samples and checkpoints
@@ -569,9 +651,12 @@ class Trainer:
                 module.save_pretrained(folder / part, safe_serialization=True)
             else:
                 shutil.copytree(src / part, folder / part)
-        for part in ("vae", "tokenizer", "scheduler"):
+        for part in ("vae", "tokenizer"):
             if (src / part).exists():
                 shutil.copytree(src / part, folder / part)
+        # the scheduler config as trained (a prediction_type override included), so a resume sees the same
+        (folder / "scheduler").mkdir()
+        write_json_atomic(folder / "scheduler" / "scheduler_config.json", self.sd.scheduler_config)
         shutil.copy2(src / "model_index.json", folder / "model_index.json")
 
     # ------------------------------------------------------------------ signals and cleanup

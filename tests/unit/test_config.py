@@ -110,3 +110,16 @@ def test_config_doc_is_current():
                                         if "optimizer" not in p.name and "sample" not in p.name))
 def test_shipped_train_configs_parse(path):
     load_config(["--config", str(ROOT / path)])
+
+
+def test_live_settings_reload_changes_only_live_keys(tmp_path):
+    from utils.config import reload_live_settings
+    p = write(tmp_path, {"resume_ckpt": "m", "save_every_n_epochs": 5, "batch_size": 3})
+    cfg, _ = load_config(["--config", p])
+    write(tmp_path, {"resume_ckpt": "m", "save_every_n_epochs": 2, "batch_size": 9, "clip_skip": 2})
+    changes = reload_live_settings(p, cfg)
+    assert changes == {"save_every_n_epochs": (5, 2), "clip_skip": (0, 2)}
+    assert cfg.save_every_n_epochs == 2 and cfg.clip_skip == 2 and cfg.batch_size == 3  # batch_size is not live
+    write(tmp_path, {"resume_ckpt": "m", "clip_skip": 9})
+    with pytest.raises(ConfigError, match="clip_skip"):
+        reload_live_settings(p, cfg)

@@ -1,0 +1,149 @@
+"""No lost work on faults: signals, a kill during a save, a full disk, NaN losses."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import utils.trainer as trainer_module
+from tests.integration.conftest import base_args, only_run, run_train
+from utils.checkpoint import TMP_SUFFIX, find_last, load_trainer_state
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def child_env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def wait_for(predicate, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def first_metrics_line(logdir: Path) -> bool:
+    return any(p.stat().st_size > 0 for p in logdir.glob("*/metrics.jsonl"))
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_an_interrupted_checkpoint_that_resumes(tiny_sd_folder, dataset, tmp_path, sig, code):
+    logdir = tmp_path / "logs"
+    argv = base_args(tiny_sd_folder, dataset, logdir, max_epochs=200, ckpt_every_n_minutes=1000)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=tmp_path, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(lambda: first_metrics_line(logdir)), "training never logged a step"
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, out[-2000:]
+    ckpts = [p for p in (only_run(logdir) / "ckpts").iterdir() if p.is_dir()]
+    assert len(ckpts) == 1 and ckpts[0].name.startswith("interrupted-"), ckpts
+    state = load_trainer_state(ckpts[0])
+    assert state["train_state"]["global_step"] > 0
+    assert find_last(logdir) == ckpts[0]
+
+
+def test_kill_during_save_leaves_earlier_checkpoints_and_findlast_skips_the_partial(tiny_sd_folder, dataset,
+                                                                                  tmp_path):
+    logdir = tmp_path / "logs"
+    marker = tmp_path / "in_second_save"
+    runner = tmp_path / "runner.py"
+    runner.write_text(f"""
+import sys, time, pathlib
+sys.path.insert(0, {str(ROOT)!r})
+import utils.trainer as T
+original, calls = T.save_trainer_state, []
+def slow_second_save(folder, state):
+    calls.append(folder)
+    original(folder, state)
+    if len(calls) == 2:               # the second save: stop here, half written, until killed
+        pathlib.Path({str(marker)!r}).write_text(str(folder))
+        time.sleep(600)
+T.save_trainer_state = slow_second_save
+import train
+sys.exit(train.main(sys.argv[1:]))
+""")
+    argv = base_args(tiny_sd_folder, dataset, logdir, max_epochs=4, save_every_n_epochs=1, no_save_ckpt=True)
+    proc = subprocess.Popen([sys.executable, str(runner), *argv], cwd=tmp_path, env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(marker.exists), "the second save never started"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    ckpt_dir = only_run(logdir) / "ckpts"
+    partial = Path(marker.read_text())
+    assert partial.name.endswith(TMP_SUFFIX) and partial.exists()
+    complete = find_last(logdir)
+    assert complete.name == "t-ep01-gs00004"
+    assert load_trainer_state(complete)["train_state"]["epoch"] == 1
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["t-ep01-gs00004", partial.name]
+
+
+def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(tiny_sd_folder, dataset, tmp_path, monkeypatch,
+                                                                 capsys):
+    original, calls = trainer_module.save_trainer_state, []
+
+    def full_on_second(folder, state):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(folder, state)
+
+    monkeypatch.setattr(trainer_module, "save_trainer_state", full_on_second)
+    logdir = tmp_path / "logs"
+    rc = run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=3, save_every_n_epochs=1, no_save_ckpt=True))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "disk full" in err and "Traceback" not in err
+    names = sorted(p.name for p in (only_run(logdir) / "ckpts").iterdir())
+    assert names == ["t-ep01-gs00004"]  # the earlier one intact, no half-written folder left behind
+
+
+def nan_on(steps: set[int]):
+    from utils import step as step_module
+    original = step_module.compute_loss
+    calls = []
+
+    def patched(*args, **kwargs):
+        loss, per_sample = original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) in steps:
+            loss = loss * float("nan")
+        return loss, per_sample
+    return patched
+
+
+def test_a_nan_step_is_skipped_and_training_goes_on(tiny_sd_folder, dataset, tmp_path, monkeypatch):
+    from utils import step as step_module
+    monkeypatch.setattr(step_module, "compute_loss", nan_on({2}))
+    logdir = tmp_path / "logs"
+    assert run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=1)) == 0
+    ckpt = find_last(logdir)
+    from safetensors.torch import load_file
+    weights = load_file(ckpt / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    log_text = next(only_run(logdir).glob("*.log")).read_text()
+    assert "step 2: non-finite loss" in log_text
+
+
+def test_a_run_of_nan_steps_stops_training_without_a_new_checkpoint(tiny_sd_folder, dataset, tmp_path, monkeypatch):
+    from utils import step as step_module
+    monkeypatch.setattr(step_module, "compute_loss", nan_on(set(range(1, 1000))))
+    logdir = tmp_path / "logs"
+    assert run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=6)) == 1
+    run = only_run(logdir)
+    assert not [p for p in (run / "ckpts").iterdir()]
+    assert "20 optimizer steps in a row had non-finite" in next(run.glob("*.log")).read_text()
