@@ -14,6 +14,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 REF=.bench_ref/sd15_reference.py
+LOGS=/tmp/gpu_logs
+mkdir -p "$LOGS"
 RESULTS="$OUT/results.tsv"
 : > "$RESULTS"
 python3 - <<'PY' | tee "$OUT/env.txt"
@@ -28,12 +30,12 @@ run() {
   local name=$1; shift
   echo "=== $name: $*"
   local t0=$SECONDS
-  "$@" > "$OUT/$name.log" 2>&1
+  "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
-  local json; json=$(grep '^{' "$OUT/$name.log" | tail -1)
+  local json; json=$(grep '^{' "$LOGS/$name.log" | tail -1)
   [ -z "$json" ] && json="{\"rc\": $rc, \"wall_s\": $((SECONDS - t0))}"
   printf '%s\t%s\n' "$name" "$json" >> "$RESULTS"
-  tail -3 "$OUT/$name.log"
+  grep -E "error|Error|^\{" "$LOGS/$name.log" | tail -2
 }
 
 suite=${1:-e2e}
@@ -44,9 +46,21 @@ case "$suite" in
     run ours_b6_fp16_8bit python3 -m utils.benchmark --arch sd15 --batch_size 6 --steps 30 --warmup 5 --mixed_precision fp16 --optimizer_config null
     run ours_b6_bf16_8bit python3 -m utils.benchmark --arch sd15 --batch_size 6 --steps 30 --warmup 5 --mixed_precision bf16 --optimizer_config null
     ;;
+  opt)   # issue 3: data pipeline alone; issue 4: every optimizer, 20 steps; issue 5: EMA on CPU vs GPU
+    run data_512_w15 python3 -m utils.benchmark --data_only --resolution 512 --image_size 768 640 --batch_size 6 --images 1200 --num_workers 15
+    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 20 --warmup 5
+    for opt in adamw adamw8bit lion lion8bit prodigy dadapt_adam dadapt_lion dadapt_sgd adafactor adamw_schedulefree; do
+      printf '{"base": {"optimizer": "%s"}}' "$opt" > "/tmp/opt_$opt.json"
+      run "opt_$opt" python3 -m utils.benchmark --arch sd15 --batch_size 6 --steps 20 --warmup 5 --workdir /tmp/bench_sd15 --optimizer_config "/tmp/opt_$opt.json" --mixed_precision bf16
+    done
+    for dev in cpu cuda; do
+      run "ema_${dev}_every_step" python3 -m utils.benchmark --arch sd15 --batch_size 6 --steps 20 --warmup 5 --workdir /tmp/bench_sd15 --optimizer_config null --mixed_precision bf16 --ema_decay_rate 0.999 --ema_update_interval 1 --ema_device $dev
+    done
+    ;;
   *) echo "unknown suite $suite"; exit 2 ;;
 esac
 
+tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
 python3 - "$RESULTS" <<'PY'
 import json, sys
 rows = [line.rstrip("\n").split("\t", 1) for line in open(sys.argv[1]) if line.strip()]

@@ -41,6 +41,11 @@ def run(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max_vram_gb", type=float, default=None, help="cap this process's GPU memory")
     ap.add_argument("--images", type=int, default=None, help="synthetic images (default: enough for the steps)")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--data_only", action="store_true",
+                    help="time the data pipeline alone (decode, crop, resize, collate) with --num_workers workers")
+    ap.add_argument("--num_workers", type=int, default=None)
+    ap.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                    help="synthetic JPEG size (default: resolution x resolution)")
     args, passthrough = ap.parse_known_args(argv)
 
     import torch
@@ -55,7 +60,9 @@ def run(argv: list[str] | None = None) -> dict:
     data = work / "data"
     n_images = args.images or args.batch_size * (args.steps + args.warmup)
     if not data.exists():
-        write_synthetic_images(data, n_images, (args.resolution, args.resolution))
+        write_synthetic_images(data, n_images, tuple(args.image_size or (args.resolution, args.resolution)))
+    if args.data_only:
+        return _time_data_pipeline(data, args)
     total_steps = args.warmup + args.steps
     argv_cfg = ["--resume_ckpt", f"builtin:{args.arch}", "--data_root", str(data), "--logdir", str(work / "logs"),
                 "--project_name", "bench", "--resolution", str(args.resolution), "--batch_size",
@@ -97,6 +104,30 @@ def run(argv: list[str] | None = None) -> dict:
     print(json.dumps(result), flush=True)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _time_data_pipeline(data: Path, args) -> dict:
+    """Images/s of scan -> batch plans -> BatchDataset -> DataLoader, the path the trainer uses, no model."""
+    import os
+    import torch
+    from data.dataset import BatchDataset, DataSettings, epoch_batches, scan_dataset
+    scan = scan_dataset(data, DataSettings(resolution=[args.resolution]))
+    plans = epoch_batches(scan.items, batch_size=args.batch_size, seed=1, epoch=0, resolutions=[args.resolution])
+    workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    loader = torch.utils.data.DataLoader(BatchDataset(scan.items, plans, seed=1, epoch=0), batch_size=None,
+                                         num_workers=workers, prefetch_factor=4 if workers else None,
+                                         pin_memory=torch.cuda.is_available())
+    warm = min(len(plans) // 4, 4 * max(1, workers))
+    images, t0 = 0, None
+    for i, batch in enumerate(loader):
+        if i == warm:
+            t0, images = time.perf_counter(), 0
+        images += len(batch["captions"])
+    dt = time.perf_counter() - t0
+    result = {"data_only": True, "resolution": args.resolution, "image_size": args.image_size,
+              "num_workers": workers, "images": images, "images_per_s": round(images / dt, 1)}
+    print(json.dumps(result), flush=True)
     return result
 
 
