@@ -14,6 +14,12 @@ def check_data(cfg: TrainConfig) -> int:
     settings = DataSettings(resolution=resolutions, flip_p=cfg.flip_p, cond_dropout=cfg.cond_dropout,
                             shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags, crop_jitter=cfg.crop_jitter)
     scan = scan_dataset(cfg.data_root, settings)
+    # the prompt and validation files fail here as they would at training start
+    from utils.sampling import SampleConfigSource
+    from utils.validation import load_validation_config
+    SampleConfigSource(cfg.sample_prompts, default_seed=cfg.seed, default_size=(resolutions[0], resolutions[0]),
+                       default_steps=cfg.sample_num_steps, zero_terminal_snr=cfg.enable_zero_terminal_snr)
+    load_validation_config(cfg.validation_config)
     out = Path(cfg.logdir) / f"{cfg.project_name}-check"
     out.mkdir(parents=True, exist_ok=True)
     write_dataset_report(scan, out / "dataset.jsonl")

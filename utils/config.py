@@ -108,14 +108,20 @@ class TrainConfig:
                                               "about 25% slower.")
     attn_type: Literal["sdp", "xformers", "slice"] = doc("sdp", "Attention kernel: torch SDPA, xformers, or "
                                                                 "sliced attention (least memory).")
+    skip_nonfinite_steps: bool = doc(True, "In bf16/fp32, check each step's loss and skip steps whose loss is NaN/inf "
+                                           "(one host sync a step; fp16's GradScaler always does this). False: "
+                                           "no sync outside logging steps.")
     num_workers: int | None = doc(None, "DataLoader worker processes (null: min(8, CPU cores - 1)).",
                                   minimum=0)
     # --- logging, samples, saving ---
     project_name: str = doc("myproj", "Names the run folder logs/<project_name>-<timestamp> and checkpoints.")
     logdir: str = doc("logs", "Root folder for runs.")
     log_step: int = doc(25, "Log scalars to TensorBoard every N optimizer steps.", minimum=1)
-    sample_prompts: str | None = doc("sample_prompts.txt", "Prompts for samples, one per line; a missing or "
-                                                           "empty file samples random training captions.")
+    sample_prompts: str | None = doc("sample_prompts.txt", "Sample prompts: a .txt (one a line) or EveryDream2-format "
+                                                           ".json (doc/LOGGING.md); re-read at every sampling; "
+                                                           "missing/empty: random training captions.")
+    validation_config: str | None = doc(None, "Path to a validation JSON (EveryDream2's validation_config keys; "
+                                              "doc/LOGGING.md); null: no validation loss.")
     sample_steps: int = doc(250, "Generate samples every N optimizer steps (and at the end).", minimum=1)
     sample_num_steps: int = doc(30, "Denoising steps per sample image.", minimum=1)
     save_every_n_epochs: int | None = doc(None, "Save a checkpoint at the end of every Nth epoch.", minimum=1)

@@ -25,6 +25,7 @@ from utils.config_schema import ConfigError
 from optimizer.build import eval_weights, grad_scaler_tweak, set_train_mode
 from optimizer.config import optimizer_config_to_json
 from utils.run_logging import MetricsSink, add_log_file, get_logger, quiet_libraries
+from utils.validation import validation_due
 
 log = get_logger()
 
@@ -53,10 +54,15 @@ def steps_per_epoch(n_batches: int, grad_accum: int) -> int:
     return math.ceil(n_batches / grad_accum)
 
 
-def accumulation_group_size(batch_index: int, n_batches: int, grad_accum: int) -> int:
-    """How many micro-batches share this one's optimizer step (the last group of an epoch may be short)."""
-    group_start = (batch_index // grad_accum) * grad_accum
-    return min(grad_accum, n_batches - group_start)
+def accumulation_group_size(batch_index: int, n_batches: int, grad_accum: int, world_size: int = 1) -> float:
+    """How many micro-batches share this one's optimizer step (the last group of an epoch may be short), per
+    process. batch_index is this process's; n_batches counts the whole epoch before the DDP split. With N processes
+    a step covers N * grad_accum consecutive epoch positions (rank r's batch i is position i * N + r) and DDP divides
+    the summed gradient by N, so each process divides its loss by (real batches in the step) / N: the update is
+    exactly one process's with N * grad_accum accumulation, also in a short last step (padding weighs 0)."""
+    group_start = (batch_index // grad_accum) * grad_accum * world_size
+    real = min(grad_accum * world_size, n_batches - group_start)
+    return real if world_size == 1 else real / world_size
 
 
 def due(step: int, every: int | None) -> bool:
@@ -72,6 +78,16 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision="no")  # autocast and the GradScaler are ours (see doc)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and self.accelerator.num_processes == 1:
+            raise ConfigError(f"started as one of {os.environ['WORLD_SIZE']} processes, but accelerate set up no "
+                              f"process group, so each would train alone over the same files. Without CUDA GPUs "
+                              f"set ACCELERATE_USE_CPU=true (see doc/MULTI_GPU.md)")
+        if self.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            raise ConfigError(f"accelerate's {self.accelerator.distributed_type.name} mode is not supported: this "
+                              f"trainer builds its own optimizers and GradScaler and wraps the models in DDP itself. "
+                              f"Launch plain data parallel (accelerate launch --multi_gpu), see doc/MULTI_GPU.md")
+        if not self.is_main:
+            log.setLevel("WARNING")  # the console shows the main process's lines once, not N times
         self.amp_dtype = amp_dtype(cfg.mixed_precision, self.device)
         if cfg.mixed_precision in ("fp16", "bf16") and self.device.type != "cuda":
             log.info(f"mixed_precision {cfg.mixed_precision} needs a CUDA GPU; training in fp32 on {self.device}")
@@ -86,6 +102,7 @@ class Trainer:
                 raise ConfigError("attn_type 'xformers' needs a CUDA GPU; use 'sdp'")
         self.stop_requested: str | None = None
         self._signals_seen = 0
+        self._stop_signal, self._save_agreed, self._images_synced = None, False, 0  # N processes: _agree_at_step
         self.nonfinite_run = 0
         self.log_hook = None  # benchmark timing: called with the step number at each logging step
 
@@ -100,13 +117,19 @@ class Trainer:
         log.info(f"run folder: {self.run_dir}")
 
         self.scan = self._scan_data()              # bad data fails here, before minutes go into loading models
-        self.model_folder, resume_state = self._resolve_model()
+        self._setup_validation()                   # held-out images leave self.scan.items before epochs are planned
+        self._setup_samples()                      # a broken prompt file fails here too
+        # Downloads / conversions / built-ins land in .models: the main process first, then one per machine (a
+        # machine-local disk), then the rest (each process goes through 2 barriers, in matching order).
+        with self.accelerator.main_process_first(), self.accelerator.local_main_process_first():
+            self.model_folder, resume_state = self._resolve_model()
         self._load_models()
         self._build_optimizers()
+        self._wrap_for_ddp()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.state = TrainState(seed=cfg.seed)
-        self.ema = self._build_ema()
+        self.ema = self._build_ema() if self.is_main else None  # DDP keeps weights equal: EMA on main only
         if resume_state is not None:
             self._restore(resume_state)
         self.metrics = MetricsSink(self.run_dir, enabled=self.is_main)
@@ -184,9 +207,7 @@ class Trainer:
             sd.unet.train()
         if self.train_te:
             sd.text_encoder.train()
-        # DDP wraps only what trains; with one process prepare() returns the modules unchanged.
-        self.unet = self.accelerator.prepare(sd.unet) if self.train_unet else sd.unet
-        self.text_encoder = self.accelerator.prepare(sd.text_encoder) if self.train_te else sd.text_encoder
+        self.unet, self.text_encoder = sd.unet, sd.text_encoder  # DDP-wrapped by _wrap_for_ddp, after freezing
 
     def _build_optimizers(self) -> None:
         from optimizer.build import build_optimizer_parts
@@ -265,7 +286,9 @@ class Trainer:
             "schedulers": {p.name: p.scheduler.state_dict() for p in self.parts},
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
+            "validation": self.val_history.state_dict(),
             "rng": capture_rng(self.generator),
+            "processes": self.accelerator.num_processes,  # batches_done and steps count per process
         }
 
     def _restore(self, sd: dict) -> None:
@@ -283,11 +306,18 @@ class Trainer:
                 part.scheduler.load_state_dict(sd["schedulers"][part.name])
         if sd.get("scaler"):
             self.scaler.load_state_dict(sd["scaler"])
+        if sd.get("validation"):
+            self.val_history.load_state_dict(sd["validation"])
         if self.ema is not None and sd.get("ema") is not None:
             self.ema.load_state_dict(sd["ema"])
         elif self.ema is not None:
             log.info("warning: the checkpoint has no EMA state; EMA starts from the current weights")
         restore_rng(sd["rng"], self.generator)
+        self._images_synced = self.state.images_seen
+        if sd.get("processes", 1) != self.accelerator.num_processes:
+            log.info(f"warning: the checkpoint was trained with {sd.get('processes', 1)} process(es), this run has "
+                     f"{self.accelerator.num_processes}: its step count, LR schedule position and place in the "
+                     f"epoch are per-process counts, so they do not carry over exactly (doc/MULTI_GPU.md)")
         set_train_mode(self.parts, True)  # a schedule-free state saved in eval mode must step in train mode
         log.info(f"resumed at epoch {self.state.epoch}, batch {self.state.batches_done}, "
                  f"step {self.state.global_step}")
@@ -305,6 +335,11 @@ class Trainer:
         self.window = {"loss": torch.zeros((), device=self.device), "micro": 0, "images": 0,
                        "t0": time.perf_counter()}
         try:
+            if st.global_step == 0:  # a fresh run: the baseline before any step (a resume does not repeat it)
+                if self.val_sets:
+                    self._validate()
+                if self.sample_source.current.generate_pretrain_samples:
+                    self.sample()
             while st.epoch < cfg.max_epochs and not self._finished() and not self.stop_requested:
                 self._reload_live_settings()
                 self._train_epoch(bar)
@@ -320,6 +355,8 @@ class Trainer:
         if self.stop_requested:
             log.info(f"{self.stop_requested}: saving an interrupted checkpoint")
             self.save(prefix="interrupted-")
+            # a process exiting non-zero makes the launcher (torchrun) kill the rest: not while main still writes
+            self.accelerator.wait_for_everyone()
             return 143 if self.stop_requested == "SIGTERM" else 130
         if final_outputs:
             self.sample()
@@ -332,13 +369,19 @@ class Trainer:
         epoch_loss, epoch_micro, epoch_t0 = torch.zeros((), device=self.device), 0, time.perf_counter()
         group_loss = torch.zeros((), device=self.device)
         plans = self._epoch_plans(st.epoch)
+        n_batches, n_proc = self._epoch_batch_count(st.epoch, plans), self.accelerator.num_processes
         bar.set_description(f"epoch {st.epoch + 1}/{cfg.max_epochs}")
         for i, batch in enumerate(self._loader(plans, st.epoch, st.batches_done), start=st.batches_done):
             boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(plans)
             for path, reason in (batch or {}).get("skipped", []):
                 log.info(f"warning: skipped {path} at load time: {reason}")
+            if n_proc > 1 and (batch is None or batch["position"] >= n_batches):
+                # Padding (the epoch does not split evenly), or every image failed to load: DDP still needs this
+                # process's forward and backward (its collectives), with weight 0 so nothing is trained twice.
+                self._micro_step(batch or self._stand_in_batch(plans[i]), 1, sync_grads=boundary, weight=0.0)
+                batch = None
             if batch is not None:
-                loss = self._micro_step(batch, accumulation_group_size(i, len(plans), cfg.grad_accum),
+                loss = self._micro_step(batch, accumulation_group_size(i, n_batches, cfg.grad_accum, n_proc),
                                         sync_grads=boundary)
                 group_loss += loss
                 epoch_loss += loss
@@ -349,6 +392,7 @@ class Trainer:
                 st.images_seen += len(batch["captions"])
             if not boundary:
                 continue
+            group_loss = self._agree_at_step(group_loss)  # N processes: one small all-reduce (see there)
             norms = self._optimizer_step(group_loss)
             group_loss = torch.zeros((), device=self.device)
             if self.ema is not None:
@@ -368,15 +412,26 @@ class Trainer:
             return
         from utils.config import reload_live_settings
         try:
-            changes = reload_live_settings(self.config_path, self.cfg)
+            changes = reload_live_settings(self.config_path, self.cfg) if self.is_main else {}
         except ConfigError as e:
             log.info(f"warning: load_settings_every_epoch: {e}; keeping the current settings")
-            return
+            changes = {}
+        if self.accelerator.num_processes > 1:  # main reads once for all: a file saved between two reads must
+            from accelerate.utils import broadcast_object_list  # not leave processes with different log_step...
+            box = [changes]
+            broadcast_object_list(box)
+            changes = box[0]
+            for key, (_old, new) in changes.items():
+                setattr(self.cfg, key, new)
         for key, (old, new) in changes.items():
             log.info(f"epoch {self.state.epoch + 1}: {key} {old} -> {new} (from {self.config_path})")
 
     def _rescue_save(self) -> None:
         """After an error in the loop the weights are those of the last optimizer step: keep them if we can."""
+        if self.accelerator.num_processes > 1:  # the others may be inside a collective save() would never meet
+            log.warning("not saving: with several processes the error may be on this one only; the last "
+                        "checkpoint is intact")
+            return
         try:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -401,7 +456,11 @@ class Trainer:
                               resolutions=self.resolutions, rank=self.accelerator.process_index,
                               world_size=self.accelerator.num_processes)
         if write and self.cfg.write_schedule and self.is_main:
-            write_schedule(plans, self.scan.items, self.run_dir / f"ep{epoch}_batch_schedule.txt")
+            # the whole epoch, not this process's share: with N processes, line p is trained by process p % N
+            full = plans if self.accelerator.num_processes == 1 else epoch_batches(
+                self.scan.items, batch_size=self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch,
+                resolutions=self.resolutions)
+            write_schedule(full, self.scan.items, self.run_dir / f"ep{epoch}_batch_schedule.txt")
         return plans
 
     def _loader(self, plans, epoch: int, start: int):
@@ -424,7 +483,7 @@ class Trainer:
             hidden = perturb_embeddings(hidden, self.generator, gamma=self.cfg.embedding_perturbation)
         return hidden
 
-    def _micro_step(self, batch: dict, group_size: int, sync_grads: bool) -> torch.Tensor:
+    def _micro_step(self, batch: dict, group_size: float, sync_grads: bool, weight: float = 1.0) -> torch.Tensor:
         from utils.losses import mask_to_latent_weight, use_mask_this_step
         from utils.step import compute_loss
         from utils.step import batch_seed
@@ -448,7 +507,7 @@ class Trainer:
             loss, _ = compute_loss(self.unet, self.noise_scheduler, latents, hidden, self.generator,
                                    self.loss_settings, loss_scale=batch["loss_scale"], pixel_weight=pixel_weight)
             # Micro-batches of one optimizer step are averaged, so grad_accum does not change the step size.
-            self.scaler.scale(loss / group_size).backward()
+            self.scaler.scale(loss / group_size if weight == 1.0 else loss * weight).backward()
         return loss.detach()
 
     @property
@@ -468,7 +527,7 @@ class Trainer:
         (it syncs with the host each step anyway); in bf16/fp32 the loss is checked here, one host sync a step."""
         if self.scaler.is_enabled():
             scale_before = self.scaler.get_scale()
-        elif not torch.isfinite(step_loss):
+        elif self.cfg.skip_nonfinite_steps and not torch.isfinite(step_loss):
             for part in self.parts:
                 part.optimizer.zero_grad(set_to_none=True)
                 part.scheduler.step()
@@ -514,17 +573,20 @@ class Trainer:
             self._log_window(norms, window, bar)
             if self.log_hook:
                 self.log_hook(st.global_step)
-        if due(st.global_step, cfg.sample_steps):
+        if self.val_sets and validation_due(st.global_step, self.steps_per_epoch, self.vcfg.every_n_epochs):
+            self._validate()
+        if due(st.global_step, self.sample_source.current.every_n_steps or cfg.sample_steps):
             self.sample()
-        if self.save_minutes and time.monotonic() - self.last_save_time >= self.save_minutes * 60:
+        if self._save_agreed if self.accelerator.num_processes > 1 else self._save_clock_due():
             self.save()
 
     def _log_window(self, norms: dict, window: dict, bar) -> None:
         from optimizer.build import current_lr
         st = self.state
         elapsed = time.perf_counter() - window["t0"]
-        loss = (window["loss"] / max(1, window["micro"])).item()  # the one host sync of a logging step
-        values = {"loss/log_step": loss, "performance/images per second": window["images"] / max(elapsed, 1e-9)}
+        window_loss, micro, images = self._sum_over_processes(window["loss"], window["micro"], window["images"])
+        loss = (window_loss / max(1, micro)).item()  # the one host sync of a logging step
+        values = {"loss/log_step": loss, "performance/images per second": images / max(elapsed, 1e-9)}
         names = {"unet": ("hyperparameter/lr unet", "optimizer/unet_grad_norm"),
                  "text_encoder": ("hyperparameter/lr text encoder", "optimizer/te_grad_norm")}
         for part in self.parts:
@@ -549,6 +611,7 @@ class Trainer:
     def _end_epoch(self, epoch_loss, epoch_micro: int, t0: float) -> None:
         cfg, st = self.cfg, self.state
         minutes = (time.perf_counter() - t0) / 60
+        epoch_loss, epoch_micro = self._sum_over_processes(epoch_loss, epoch_micro)
         if epoch_micro:
             self.metrics.scalars(st.global_step, {"loss/epoch": (epoch_loss / epoch_micro).item(),
                                                   "performance/minutes per epoch": minutes})
@@ -560,13 +623,6 @@ class Trainer:
             self.save()
 
     # ------------------------------------------------------------------ samples and checkpoints
-    def sample(self) -> None:
-        """Sample grids with the trained weights and/or the EMA weights, as configured."""
-        if not self.is_main:
-            return
-        with eval_weights(self.parts):
-            self._sample_all()
-
     def _sample_all(self) -> None:
         from utils.ema import ema_weights
         cfg = self.cfg
@@ -578,29 +634,112 @@ class Trainer:
             with ema_weights(self.ema, self.ema_params):
                 self._sample_with_current_weights("ema-")
 
-    def _sample_with_current_weights(self, prefix: str) -> None:
-        from utils.sampling import build_pipeline, generate, grid_with_labels, plan_samples, safe_filename
-        cfg, sd = self.cfg, self.sd
+    def _setup_validation(self) -> None:
+        """Validation sets from validation_config; held-out images leave self.scan.items before epochs are planned."""
+        from data.dataset import DataSettings, scan_dataset
+        from utils.validation import (ValidationHistory, describe_split, load_validation_config, split_for_validation,
+                                      validation_sets)
+        cfg = self.cfg
+        self.vcfg = load_validation_config(cfg.validation_config)
+        self.val_history = ValidationHistory(relative=bool(self.vcfg and self.vcfg.use_relative_loss))
+        self.val_sets = []
+        if self.vcfg is None:
+            return
+        settings = DataSettings(resolution=self.resolutions, flip_p=0.0, cond_dropout=0.0, shuffle_tags=False,
+                                keep_tags=cfg.keep_tags, crop_jitter=0.0)
+        train_items, sets, stabilize = split_for_validation(self.scan.items, self.vcfg,
+                                                            scan_fn=lambda folder: scan_dataset(folder, settings))
+        self.scan.items = train_items
+        self.val_sets = validation_sets(sets, stabilize, batch_size=self.vcfg.batch_size or cfg.batch_size,
+                                        seed=self.vcfg.seed, resolution=self.resolutions[0])
+        log.info(describe_split(len(train_items), sets, stabilize))
+
+
+    def _setup_samples(self) -> None:
+        from utils.sampling import SampleConfigSource
         base = self.resolutions[0]
-        requests = plan_samples(cfg.sample_prompts, [it.caption for it in self.scan.items], seed=cfg.seed,
-                                size=(base, base))
+        self.sample_source = SampleConfigSource(  # a broken prompt file is a ConfigError here, before models load
+            self.cfg.sample_prompts, default_seed=self.cfg.seed, default_size=(base, base),
+            default_steps=self.cfg.sample_num_steps, default_batch_size=max(1, self.cfg.batch_size // 2),
+            zero_terminal_snr=self.cfg.enable_zero_terminal_snr)
+        if self.sample_source.current.note:
+            log.info(self.sample_source.current.note)
+
+
+    def _validate(self) -> None:
+        """Validation losses with fixed noise and timesteps. Every process computes them (same numbers, no
+        collective); the main one logs."""
+        from data.dataset import BatchDataset
+        from utils.validation import evaluate_loss, validation_loss_settings
+        vcfg, step = self.vcfg, self.state.global_step
+        unet = self.accelerator.unwrap_model(self.unet)
+        te = self.accelerator.unwrap_model(self.text_encoder)
+        settings = validation_loss_settings(self.loss_settings)
+        was_training = unet.training, te.training
+        values = {}
+        with eval_weights(self.parts):
+            unet.eval(), te.eval()
+            try:
+                for vs in self.val_sets:
+                    dataset = BatchDataset(vs.items, vs.plans, seed=vcfg.seed, epoch=0, augment=False)
+                    values[vs.tag] = evaluate_loss(lambda batch, gen: self._val_loss(unet, te, settings, batch, gen),
+                                                   dataset, seed=vcfg.seed)
+            finally:
+                unet.train(was_training[0]), te.train(was_training[1])
+        extra, warnings = self.val_history.record(step, values)
+        self.metrics.scalars(step, {**values, **extra})
+        for warning in warnings:
+            log.info(f"warning: {warning}")
+        log.info(f"step {step} validation: " + "  ".join(f"{t.split('/', 1)[1]} {v:.5f}" for t, v in values.items()))
+
+
+    def _val_loss(self, unet, te, settings, batch, generator) -> torch.Tensor:
+        """The training forward path without gradients, augmentation or embedding perturbation; plain MSE."""
+        from utils.step import compute_loss
+        from utils.text_conditioning import encode_prompts
+        sd, tok = self.sd, self.sd.tokenizer
+        pixels = batch["pixel_values"].to(self.device, dtype=sd.vae.dtype, non_blocking=True)
+        latents = sd.vae.encode(pixels).latent_dist.sample(generator) * sd.vae.config.scaling_factor
+        ids = tok(batch["captions"], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            hidden = encode_prompts(te, ids, clip_skip=self.cfg.clip_skip)
+            loss, _ = compute_loss(unet, self.noise_scheduler, latents.float(), hidden, generator, settings)
+        return loss
+
+
+    def sample(self) -> None:
+        """Sample grids with the trained weights and/or the EMA weights, as configured."""
+        if not self.is_main:
+            return
+        self.sample_source.reload(lambda msg: log.info(f"warning: {msg}"))  # edits apply; a broken file keeps the last
+        with eval_weights(self.parts):
+            self._sample_all()
+
+
+    def _sample_with_current_weights(self, prefix: str) -> None:
+        from utils.noise import sampling_settings
+        from utils.sampling import build_pipeline, generate, make_grid, plan_samples, sample_stem, sample_tag, write_sample
+        cfg, sd, step = self.cfg, self.sd, self.state.global_step
+        scfg = self.sample_source.current
+        requests = plan_samples(scfg, [it.caption for it in self.scan.items], step=step)
         unet = self.accelerator.unwrap_model(self.unet)
         te = self.accelerator.unwrap_model(self.text_encoder)
         was_training = unet.training, te.training
         unet.eval(), te.eval()
         try:
-            pipe = build_pipeline(unet, te, sd.vae, sd.tokenizer, sd.scheduler_config)
-            results = generate(pipe, requests, cfg_scales=[7.0, 4.0, 1.0], steps=cfg.sample_num_steps,
-                               device=self.device, autocast_dtype=self.amp_dtype)
+            pipe = build_pipeline(unet, te, sd.vae, sd.tokenizer, sd.scheduler_config, scheduler=scfg.scheduler,
+                                  zero_terminal_snr=cfg.enable_zero_terminal_snr, show_progress=scfg.show_progress_bars)
+            results = generate(pipe, requests, cfg_scales=scfg.cfgs, steps=scfg.num_inference_steps, device=self.device,
+                               autocast_dtype=self.amp_dtype, batch_size=scfg.batch_size, clip_skip=cfg.clip_skip,
+                               guidance_rescale=sampling_settings(zero_terminal_snr=cfg.enable_zero_terminal_snr)
+                               .guidance_rescale)
         finally:
             unet.train(was_training[0]), te.train(was_training[1])
-        out_dir = self.run_dir / "samples"
-        out_dir.mkdir(exist_ok=True)
         for idx, (req, images) in enumerate(results):
-            grid = grid_with_labels(images, ["cfg 7", "cfg 4", "cfg 1"])
-            name = f"{prefix}gs{self.state.global_step:05d}-{idx}-{safe_filename(req.prompt)}"
-            grid.save(out_dir / f"{name}.jpg", quality=90)
-            self.metrics.image(f"{prefix}sample_{idx}_{safe_filename(req.prompt, 40)}", grid, self.state.global_step)
+            grid = make_grid(images, scfg.cfgs)
+            write_sample(self.run_dir / "samples", sample_stem(prefix, step, idx, req), grid, req, scfg)
+            self.metrics.image(sample_tag(prefix, idx, req), grid, step)
 
     def save(self, prefix: str = "") -> Path | None:
         """A resumable diffusers checkpoint (and a single-file export); only the main process writes."""
@@ -659,12 +798,84 @@ class Trainer:
         write_json_atomic(folder / "scheduler" / "scheduler_config.json", self.sd.scheduler_config)
         shutil.copy2(src / "model_index.json", folder / "model_index.json")
 
+    # ------------------------------------------------------------------ several processes (DDP, doc/MULTI_GPU.md)
+    def _wrap_for_ddp(self) -> None:
+        """DDP wraps only what trains (one process: prepare() returns the modules unchanged). After the optimizer
+        setup, because DDP takes the parameters that require grad when it wraps: text_encoder_freezing must come
+        first. The text encoder's last layers go unused with clip_skip >= 2 (a live key), so DDP looks for unused
+        parameters there (cheap for the text encoder; the UNet uses all of its parameters)."""
+        if self.train_unet:
+            self.unet = self.accelerator.prepare(self.sd.unet)
+        if self.train_te and self.accelerator.num_processes > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.text_encoder = DistributedDataParallel(
+                self.sd.text_encoder, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        elif self.train_te:
+            self.text_encoder = self.accelerator.prepare(self.sd.text_encoder)
+
+    def _epoch_batch_count(self, epoch: int, plans: list) -> int:
+        """The epoch's batches before the DDP split; this process's plans at positions beyond it are padding."""
+        if self.accelerator.num_processes == 1:
+            return len(plans)
+        from data.dataset import epoch_batches
+        return len(epoch_batches(self.scan.items, batch_size=self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch,
+                                 resolutions=self.resolutions))
+
+    def _stand_in_batch(self, plan) -> dict:
+        """One black image at the plan's size, empty caption: trained with weight 0 in place of a batch whose
+        images all failed to load, only so that this process joins DDP's collectives."""
+        width, height = plan.size
+        return {"pixel_values": torch.zeros(1, 3, height, width), "captions": [""], "loss_scale": torch.zeros(1),
+                "mask": None, "position": plan.position}
+
+    def _save_clock_due(self) -> bool:
+        return bool(self.save_minutes) and time.monotonic() - self.last_save_time >= self.save_minutes * 60
+
+    def _agree_at_step(self, group_loss: torch.Tensor) -> torch.Tensor:
+        """N processes must decide alike at each step, or one waits forever in a collective the others never join.
+        One all-reduce of five numbers per optimizer step carries the decisions; reading it is one host sync a step,
+        which the finite-loss check (skip_nonfinite_steps, the default) or fp16's GradScaler make anyway:
+        - the group loss, summed: a non-finite loss on any process skips the step on all of them;
+        - SIGINT/SIGTERM seen by any process (a scheduler may signal only some): all stop after this step;
+        - the main process's save_minutes clock: all save after this step;
+        - the images trained since the last step, so that images_seen counts every process's.
+        Returns the loss summed over processes (only its finiteness is used). One process: nothing to agree."""
+        if self.accelerator.num_processes == 1:
+            return group_loss
+        st = self.state
+        local = [float(self._stop_signal == "SIGINT"), float(self._stop_signal == "SIGTERM"),
+                 float(self.is_main and self._save_clock_due()), float(st.images_seen - self._images_synced)]
+        vec = torch.cat([group_loss.detach().reshape(1).double(),
+                         torch.tensor(local, dtype=torch.float64, device=self.device)])
+        total, sigint, sigterm, save, images = self.accelerator.reduce(vec, "sum").tolist()
+        st.images_seen = self._images_synced = self._images_synced + int(images)
+        if sigint or sigterm:
+            self.stop_requested = "SIGTERM" if sigterm else "SIGINT"
+        self._save_agreed = bool(save)
+        return torch.tensor(total)
+
+    def _sum_over_processes(self, loss: torch.Tensor, *counts: int) -> tuple:
+        """(loss, *counts) summed over all processes: the logged loss and images/s are the whole job's. Called
+        only at logging steps and epoch ends, which every process reaches at the same step."""
+        if self.accelerator.num_processes == 1:
+            return (loss, *counts)
+        vec = torch.cat([loss.detach().reshape(1).double(),
+                         torch.tensor(counts, dtype=torch.float64, device=self.device)])
+        total, *sums = self.accelerator.reduce(vec, "sum").tolist()
+        return (torch.tensor(total), *(int(c) for c in sums))
+
     # ------------------------------------------------------------------ signals and cleanup
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):
             self._signals_seen += 1
             if self._signals_seen > 1:
                 raise KeyboardInterrupt  # a second Ctrl-C: stop now, no save
+            if self.accelerator.num_processes > 1:  # it may reach only some processes: _agree_at_step decides
+                self._stop_signal = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
+                log.warning(f"\n{self._stop_signal} received by process {self.accelerator.process_index}: all "
+                            f"processes stop after the next optimizer step (again to abort without saving)")
+                return
             self.stop_requested = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
             log.info(f"\n{self.stop_requested} received: stopping after this step (again to abort without saving)")
         self._old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -684,3 +895,6 @@ class Trainer:
 def _ignore_sigint(_worker_id: int) -> None:
     # Ctrl-C goes to the whole process group; workers must keep feeding the batches the main process still needs.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # So does SIGTERM from torchrun/accelerate launch (os.killpg) or a scheduler: a worker killed by it makes the
+    # DataLoader raise in the main process before it can save. Workers exit with the main process anyway.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

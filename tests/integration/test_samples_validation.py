@@ -1,0 +1,89 @@
+"""Samples and validation inside real training runs on the tiny model (CPU)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.conftest import base_args, make_dataset, read_metrics
+from utils.trainer import Trainer
+from utils.validation import validation_due
+
+def run(monkeypatch, argv: list[str], validation_config: str | None = None) -> Trainer:
+    """train.main's steps, keeping the Trainer to look at."""
+    from utils.config import load_config
+    argv = argv + (["--validation_config", validation_config] if validation_config else [])
+    cfg, _ = load_config(argv)
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        assert trainer.train() == 0
+    finally:
+        trainer.cleanup()
+    return trainer
+
+
+def unet_weights(trainer) -> dict:
+    return {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.unet).state_dict().items()}
+
+
+@pytest.fixture()
+def data(tmp_path) -> Path:
+    return make_dataset(tmp_path / "data")
+
+
+def quick_prompts(folder: Path) -> str:
+    """One small sample: the final sampling of a run costs little (attention at 64x64 is the slow part)."""
+    path = folder / "quick.json"
+    path.write_text(json.dumps({"size": [32, 32], "cfgs": [4], "samples": ["a red picture"]}))
+    return str(path)
+
+
+def test_validation_tags_at_step_zero_and_on_schedule(tiny_sd_folder, data, tmp_path, monkeypatch):
+    extra = make_dataset(tmp_path / "faces", per_colour=1)
+    vfile = tmp_path / "val.json"
+    vfile.write_text(json.dumps({"val_split_mode": "automatic", "auto_split_proportion": 0.25, "seed": 3,
+                                 "every_n_epochs": 0.5, "extra_manual_datasets": {"faces": str(extra)},
+                                 "stabilize_training_loss": True, "use_relative_loss": True}))
+    logdir = tmp_path / "logs"
+    trainer = run(monkeypatch, base_args(tiny_sd_folder, data, logdir, max_epochs=2, log_step=100,
+                                         sample_prompts=quick_prompts(tmp_path)), str(vfile))
+    assert len(trainer.scan.items) == 8 - 2                               # ceil(0.25 x 8) held out
+    metrics = read_metrics(trainer.run_dir)
+    val_steps = [m["step"] for m in metrics if "loss/val" in m]
+    spe = trainer.steps_per_epoch
+    expected = [s for s in range(trainer.total_steps + 1) if validation_due(s, spe, 0.5)]
+    assert val_steps == expected and len(val_steps) >= 4
+    for m in metrics:
+        if "loss/val" in m:
+            assert {"loss/faces", "loss/stabilize-train", "loss_relative/val"} <= set(m)
+            assert all(math.isfinite(v) for v in m.values())
+    first = next(m for m in metrics if "loss/val" in m)
+    assert first["loss_relative/val"] == 1.0
+
+
+def test_samples_and_validation_do_not_change_the_trained_weights(tiny_sd_folder, data, tmp_path, monkeypatch):
+    args = dict(max_epochs=1, log_step=100)
+    plain = run(monkeypatch, base_args(tiny_sd_folder, data, tmp_path / "a", sample_prompts=quick_prompts(tmp_path),
+                                       **args))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"scheduler": "euler_a", "cfgs": [5, 1.01], "batch_size": 2,
+                                   "generate_pretrain_samples": True,
+                                   "samples": [{"prompt": "a red picture", "seed": -1, "negative_prompt": "blue",
+                                                "size": [32, 32]},
+                                               {"random_caption": True, "size": [48, 32]}]}))
+    vfile = tmp_path / "val.json"
+    vfile.write_text(json.dumps({"val_split_mode": "none", "stabilize_training_loss": True, "every_n_epochs": 0.5,
+                                 "extra_manual_datasets": {"more": str(make_dataset(tmp_path / "more", per_colour=1))}}))
+    busy = run(monkeypatch, base_args(tiny_sd_folder, data, tmp_path / "b", sample_prompts=str(prompts), sample_steps=2,
+                                   **args),
+               str(vfile))
+    a, b = unet_weights(plain), unet_weights(busy)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    grids = sorted((busy.run_dir / "samples").glob("*.jpg"))
+    # before training, every 2nd step and at the end: 2 prompts each
+    assert len(grids) == 2 * (1 + busy.total_steps // 2 + busy.total_steps % 2)
+    from PIL import Image
+    assert {Image.open(g).size for g in grids} == {(2 * 32, 32), (2 * 48, 32)}     # a column per CFG
+    assert (grids[0].with_suffix(".txt")).exists()
