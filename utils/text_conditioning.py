@@ -13,7 +13,9 @@ from torch import Tensor
 
 def final_layer_norm(text_encoder) -> torch.nn.Module:
     """The CLIP text model's final LayerNorm: `.final_layer_norm` on transformers 5.x, where CLIPTextModel
-    holds the text transformer's parts directly; `.text_model.final_layer_norm` on 4.x."""
+    holds the text transformer's parts directly; `.text_model.final_layer_norm` on 4.x. A DDP wrapper (several
+    processes) is looked through."""
+    text_encoder = getattr(text_encoder, "module", text_encoder)
     norm = getattr(text_encoder, "final_layer_norm", None)
     if norm is None:
         norm = getattr(getattr(text_encoder, "text_model", None), "final_layer_norm", None)

@@ -329,7 +329,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         from tqdm.auto import tqdm
         self._install_signal_handlers()
-        self.last_save_time = time.monotonic()
+        self.last_save_time = self.started = time.monotonic()
         bar = tqdm(total=self.total_steps, initial=st.global_step, disable=not self.is_main, unit="step",
                    dynamic_ncols=True)
         self.window = {"loss": torch.zeros((), device=self.device), "micro": 0, "images": 0,
@@ -360,8 +360,18 @@ class Trainer:
             return 143 if self.stop_requested == "SIGTERM" else 130
         if final_outputs:
             self.sample()
-            self.save(prefix="" if cfg.no_prepend_last else "last-")
+            final = self.save(prefix="" if cfg.no_prepend_last else "last-")
+            self._print_end_summary(final)
         return 0
+
+    def _print_end_summary(self, final: Path | None) -> None:
+        minutes = (time.monotonic() - self.started) / 60
+        images = self.state.images_seen  # already every process's images: _agree_at_step sums them at each step
+        log.info(f"done: {self.state.global_step} steps, {self.state.epoch} epochs, {images} images in "
+                 f"{minutes:.1f} min ({images / max(minutes * 60, 1e-9):.1f} images/s over the whole run)")
+        if final is not None:
+            log.info(f"final checkpoint: {final}  (resume: --resume_ckpt {final}; TensorBoard: tensorboard "
+                     f"--logdir {self.run_dir})")
 
     def _train_epoch(self, bar) -> None:
         """One epoch from where the state stands (mid-epoch after a resume) to its end, max_steps or a stop."""
@@ -469,7 +479,7 @@ class Trainer:
         workers = self.cfg.num_workers if self.cfg.num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
         return torch.utils.data.DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=min(workers, len(dataset)),
-            pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_sigint,
+            pin_memory=self.device.type == "cuda", worker_init_fn=_workers_ignore_stop_signals,
             prefetch_factor=4 if workers else None, persistent_workers=False)
 
     def _encode_captions(self, captions: list[str]) -> torch.Tensor:
@@ -892,7 +902,7 @@ class Trainer:
             self.log_handler.close()
 
 
-def _ignore_sigint(_worker_id: int) -> None:
+def _workers_ignore_stop_signals(_worker_id: int) -> None:
     # Ctrl-C goes to the whole process group; workers must keep feeding the batches the main process still needs.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # So does SIGTERM from torchrun/accelerate launch (os.killpg) or a scheduler: a worker killed by it makes the

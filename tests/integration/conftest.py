@@ -55,5 +55,15 @@ def base_args(model: Path, data: Path, logdir: Path, **overrides) -> list[str]:
     return argv
 
 
+def checkpoint_weights(ckpt: Path) -> dict:
+    """The trained parts' tensors of a checkpoint folder, keyed part.name."""
+    from safetensors.torch import load_file
+    out = {}
+    for part in ("unet", "text_encoder"):
+        f = next((ckpt / part).glob("*.safetensors"))
+        out.update({f"{part}.{k}": v for k, v in load_file(f).items()})
+    return out
+
+
 def run_train(argv: list[str]) -> int:
     return train.main(argv)

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.integration.conftest import base_args, make_dataset, only_run, read_metrics, run_train
+from tests.integration.conftest import base_args, make_dataset, only_run, read_metrics, run_train, checkpoint_weights as weights
 from utils.checkpoint import TMP_SUFFIX, load_trainer_state
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,12 +61,6 @@ def output(proc) -> str:
     return (proc.stdout or "") + (proc.stderr or "")
 
 
-def weights(ckpt: Path) -> dict:
-    out = {}
-    for part in ("unet", "text_encoder"):
-        f = next((ckpt / part).glob("*.safetensors"))
-        out.update({f"{part}.{k}": v for k, v in load_file(f).items()})
-    return out
 
 
 def max_diff(a: Path, b: Path) -> float:

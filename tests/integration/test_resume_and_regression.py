@@ -5,29 +5,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.integration.conftest import base_args, only_run, read_metrics, run_train
+from tests.integration.conftest import base_args, only_run, read_metrics, run_train, checkpoint_weights as weights
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "tiny_sd_losses.json"
 
 
 def final_ckpt(logdir: Path) -> Path:
-    ckpts = sorted((p for p in (only_run(logdir) / "ckpts").iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    ckpts = sorted((p for p in (only_run(logdir) / "ckpts").iterdir() if p.is_dir() and not p.name.endswith("_ema")),
+                   key=lambda p: p.stat().st_mtime)
     return ckpts[-1]
 
 
-def weights(ckpt: Path) -> dict:
-    out = {}
-    for part in ("unet", "text_encoder"):
-        f = next((ckpt / part).glob("*.safetensors"))
-        out.update({f"{part}.{k}": v for k, v in load_file(f).items()})
-    return out
 
 
 @pytest.mark.parametrize("extra", [
     {},                                                         # plain, stop mid-epoch
     {"grad_accum": 2, "flip_p": 0.5, "cond_dropout": 0.3, "zero_frequency_noise_ratio": 0.05},
+    {"ema_decay_rate": 0.9, "ema_update_interval": 1, "lr": 3e-3},      # EMA state resumes too
 ])
 def test_resume_mid_epoch_equals_straight_run(tiny_sd_folder, dataset, tmp_path, extra):
     straight = tmp_path / "straight"
@@ -41,6 +36,11 @@ def test_resume_mid_epoch_equals_straight_run(tiny_sd_folder, dataset, tmp_path,
     second = tmp_path / "second"
     assert run_train(base_args(tiny_sd_folder, dataset, second, max_epochs=2, resume_ckpt=str(stopped), **extra)) == 0
     a, b = weights(final_ckpt(straight)), weights(final_ckpt(second))
+    if "ema_decay_rate" in extra:  # the EMA twins too: loadable folders with equal weights
+        a_ema = weights(final_ckpt(straight).with_name(final_ckpt(straight).name + "_ema"))
+        b_ema = weights(final_ckpt(second).with_name(final_ckpt(second).name + "_ema"))
+        assert max((a_ema[k] - b_ema[k]).abs().max().item() for k in a_ema) <= 1e-6
+        assert any(not torch.equal(a_ema[k], a[k]) for k in a)  # EMA weights differ from the trained ones
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-6, f"resumed run differs from the straight run by {worst}"

@@ -393,3 +393,16 @@ def test_embedding_perturbation_std():
     leaf = torch.zeros(2, 3, 8, requires_grad=True)
     perturb_embeddings(leaf, gen(), gamma=1.0).sum().backward()
     assert torch.equal(leaf.grad, torch.ones_like(leaf))  # additive noise: gradients pass through unchanged
+
+
+def test_final_layer_norm_is_found_through_a_ddp_wrapper(tiny_sd_folder):
+    """Several processes wrap the text encoder in DistributedDataParallel, which exposes it as .module."""
+    from transformers import CLIPTextModel
+    from utils.text_conditioning import final_layer_norm
+    te = CLIPTextModel.from_pretrained(tiny_sd_folder / "text_encoder")
+
+    class Wrapper(torch.nn.Module):  # what DDP looks like from outside: the model under .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+    assert final_layer_norm(Wrapper(te)) is final_layer_norm(te)
