@@ -330,7 +330,9 @@ class Trainer:
         from tqdm.auto import tqdm
         self._install_signal_handlers()
         self.last_save_time = self.started = time.monotonic()
-        bar = tqdm(total=self.total_steps, initial=st.global_step, disable=not self.is_main, unit="step",
+        epochs_bar = tqdm(total=cfg.max_epochs, initial=st.epoch, disable=not self.is_main, unit="epoch",
+                          position=0, desc="epochs", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=st.global_step, disable=not self.is_main, unit="step", position=1,
                    dynamic_ncols=True)
         self.window = {"loss": torch.zeros((), device=self.device), "micro": 0, "images": 0,
                        "t0": time.perf_counter()}
@@ -343,6 +345,8 @@ class Trainer:
             while st.epoch < cfg.max_epochs and not self._finished() and not self.stop_requested:
                 self._reload_live_settings()
                 self._train_epoch(bar)
+                epochs_bar.n = st.epoch
+                epochs_bar.refresh()
         except StopTraining as e:
             log.info(f"error: {e}")
             return 1
@@ -352,6 +356,7 @@ class Trainer:
             return 1
         finally:
             bar.close()
+            epochs_bar.close()
         if self.stop_requested:
             log.info(f"{self.stop_requested}: saving an interrupted checkpoint")
             self.save(prefix="interrupted-")
