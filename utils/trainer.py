@@ -17,15 +17,28 @@ from pathlib import Path
 
 import torch
 
+from data.dataset import (BatchDataset, DataSettings, epoch_batches, scan_dataset, summarize, write_dataset_report,
+                          write_schedule)
+from optimizer.build import (build_optimizer_parts, current_lr, describe, eval_weights, grad_scaler_tweak,
+                             set_train_mode)
+from optimizer.config import load_optimizer_config, optimizer_config_to_json
 from utils.checkpoint import (TrainState, capture_rng, checkpoint_name, find_last, load_trainer_state,
                               prune_checkpoints, restore_rng, save_checkpoint_folder, save_trainer_state,
                               write_json_atomic)
-from utils.config import TrainConfig, config_to_dict
+from utils.config import TrainConfig, config_to_dict, reload_live_settings
 from utils.config_schema import ConfigError
-from optimizer.build import eval_weights, grad_scaler_tweak, set_train_mode
-from optimizer.config import optimizer_config_to_json
+from utils.convert_ldm import save_single_file
+from utils.ema import EMA, ema_decay_from_target, ema_weights
+from utils.losses import mask_to_latent_weight, use_mask_this_step
+from utils.models import load_sd_model, resolve_model_folder
+from utils.noise import make_noise_scheduler, sampling_settings
 from utils.run_logging import MetricsSink, add_log_file, get_logger, quiet_libraries
-from utils.validation import validation_due
+from utils.sampling import (SampleConfigSource, build_pipeline, generate, make_grid, plan_samples, sample_stem,
+                            sample_tag, write_sample)
+from utils.step import LossSettings, batch_seed, compute_loss
+from utils.text_conditioning import encode_prompts, perturb_embeddings
+from utils.validation import (ValidationHistory, describe_split, evaluate_loss, load_validation_config,
+                              split_for_validation, validation_due, validation_loss_settings, validation_sets)
 
 log = get_logger()
 
@@ -146,7 +159,6 @@ class Trainer:
         return run_dir
 
     def _scan_data(self):
-        from data.dataset import DataSettings, scan_dataset, summarize, write_dataset_report
         cfg = self.cfg
         settings = DataSettings(resolution=self.resolutions, flip_p=cfg.flip_p, cond_dropout=cfg.cond_dropout,
                                 shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags, crop_jitter=cfg.crop_jitter)
@@ -167,7 +179,6 @@ class Trainer:
         return list(r) if isinstance(r, list) else [r]
 
     def _resolve_model(self) -> tuple[Path, dict | None]:
-        from utils.models import resolve_model_folder
         source = self.cfg.resume_ckpt
         folder = find_last(Path(self.cfg.logdir)) if source == "findlast" else None
         folder = folder or resolve_model_folder(source, Path(self.cfg.logdir) / ".models", self.prediction_override)
@@ -176,8 +187,6 @@ class Trainer:
         return folder, state
 
     def _load_models(self) -> None:
-        from utils.models import load_sd_model
-        from utils.noise import make_noise_scheduler
         cfg = self.cfg
         sd = load_sd_model(self.model_folder, self.prediction_override)
         self.sd = sd
@@ -210,9 +219,6 @@ class Trainer:
         self.unet, self.text_encoder = sd.unet, sd.text_encoder  # DDP-wrapped by _wrap_for_ddp, after freezing
 
     def _build_optimizers(self) -> None:
-        from optimizer.build import build_optimizer_parts
-        from optimizer.config import load_optimizer_config
-        from data.dataset import epoch_batches
         cfg = self.cfg
         self.opt_cfg = load_optimizer_config(cfg.optimizer_config, lr_override=cfg.lr)
         # Fractional multipliers and multi-resolution make epochs differ by a few batches: then count them all.
@@ -239,7 +245,6 @@ class Trainer:
         return params + (list(self.sd.text_encoder.parameters()) if self.train_te else [])
 
     def _build_ema(self):
-        from utils.ema import EMA, ema_decay_from_target
         cfg = self.cfg
         if cfg.ema_decay_rate is None and cfg.ema_strength_target is None:
             return None
@@ -258,7 +263,6 @@ class Trainer:
 
     def _load_weights_like_trained(self, folder: Path) -> list[torch.Tensor]:
         """The parameters of the trained parts as stored in another diffusers folder (for EMA resume)."""
-        from utils.models import load_sd_model
         if not (folder / "unet").is_dir():
             raise ConfigError(f"ema_resume_model: {folder} is not a diffusers model folder")
         other = load_sd_model(folder)
@@ -266,7 +270,6 @@ class Trainer:
         return params + (list(other.text_encoder.parameters()) if self.train_te else [])
 
     def _print_summary(self) -> None:
-        from optimizer.build import describe
         cfg, n = self.cfg, self.accelerator.num_processes
         precision = {None: "fp32", torch.float16: "fp16 autocast + GradScaler",
                      torch.bfloat16: "bf16 autocast"}[self.amp_dtype]
@@ -425,7 +428,6 @@ class Trainer:
         """EveryDream2's load_settings_every_epoch: re-read train.json for the keys that may change mid-run."""
         if not (self.cfg.load_settings_every_epoch and self.config_path):
             return
-        from utils.config import reload_live_settings
         try:
             changes = reload_live_settings(self.config_path, self.cfg) if self.is_main else {}
         except ConfigError as e:
@@ -466,7 +468,6 @@ class Trainer:
         return self.state.global_step >= self.total_steps
 
     def _epoch_plans(self, epoch: int, write: bool = True):
-        from data.dataset import epoch_batches, write_schedule
         plans = epoch_batches(self.scan.items, batch_size=self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch,
                               resolutions=self.resolutions, rank=self.accelerator.process_index,
                               world_size=self.accelerator.num_processes)
@@ -479,7 +480,6 @@ class Trainer:
         return plans
 
     def _loader(self, plans, epoch: int, start: int):
-        from data.dataset import BatchDataset
         dataset = BatchDataset(self.scan.items, plans[start:], seed=self.cfg.seed, epoch=epoch, first_position=start)
         workers = self.cfg.num_workers if self.cfg.num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
         return torch.utils.data.DataLoader(
@@ -488,7 +488,6 @@ class Trainer:
             prefetch_factor=4 if workers else None, persistent_workers=False)
 
     def _encode_captions(self, captions: list[str]) -> torch.Tensor:
-        from utils.text_conditioning import encode_prompts, perturb_embeddings
         tok = self.sd.tokenizer
         ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(self.device, non_blocking=True)
@@ -499,9 +498,6 @@ class Trainer:
         return hidden
 
     def _micro_step(self, batch: dict, group_size: float, sync_grads: bool, weight: float = 1.0) -> torch.Tensor:
-        from utils.losses import mask_to_latent_weight, use_mask_this_step
-        from utils.step import compute_loss
-        from utils.step import batch_seed
         cfg, sd = self.cfg, self.sd
         self.generator.manual_seed(batch_seed(cfg.seed, self.state.epoch, batch["position"]))
         pixels = batch["pixel_values"].to(self.device, dtype=sd.vae.dtype, non_blocking=True)
@@ -527,7 +523,6 @@ class Trainer:
 
     @property
     def loss_settings(self):
-        from utils.step import LossSettings
         c = self.cfg
         return LossSettings(prediction_type=self.sd.prediction_type, loss_type=c.loss_type,
                             min_snr_gamma=c.min_snr_gamma, debiased_estimation=c.debiased_estimation,
@@ -596,7 +591,6 @@ class Trainer:
             self.save()
 
     def _log_window(self, norms: dict, window: dict, bar) -> None:
-        from optimizer.build import current_lr
         st = self.state
         elapsed = time.perf_counter() - window["t0"]
         window_loss, micro, images = self._sum_over_processes(window["loss"], window["micro"], window["images"])
@@ -639,7 +633,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ samples and checkpoints
     def _sample_all(self) -> None:
-        from utils.ema import ema_weights
         cfg = self.cfg
         if self.ema is None:
             return self._sample_with_current_weights("")
@@ -651,9 +644,6 @@ class Trainer:
 
     def _setup_validation(self) -> None:
         """Validation sets from validation_config; held-out images leave self.scan.items before epochs are planned."""
-        from data.dataset import DataSettings, scan_dataset
-        from utils.validation import (ValidationHistory, describe_split, load_validation_config, split_for_validation,
-                                      validation_sets)
         cfg = self.cfg
         self.vcfg = load_validation_config(cfg.validation_config)
         self.val_history = ValidationHistory(relative=bool(self.vcfg and self.vcfg.use_relative_loss))
@@ -671,7 +661,6 @@ class Trainer:
 
 
     def _setup_samples(self) -> None:
-        from utils.sampling import SampleConfigSource
         base = self.resolutions[0]
         self.sample_source = SampleConfigSource(  # a broken prompt file is a ConfigError here, before models load
             self.cfg.sample_prompts, default_seed=self.cfg.seed, default_size=(base, base),
@@ -684,8 +673,6 @@ class Trainer:
     def _validate(self) -> None:
         """Validation losses with fixed noise and timesteps. Every process computes them (same numbers, no
         collective); the main one logs."""
-        from data.dataset import BatchDataset
-        from utils.validation import evaluate_loss, validation_loss_settings
         vcfg, step = self.vcfg, self.state.global_step
         unet = self.accelerator.unwrap_model(self.unet)
         te = self.accelerator.unwrap_model(self.text_encoder)
@@ -710,8 +697,6 @@ class Trainer:
 
     def _val_loss(self, unet, te, settings, batch, generator) -> torch.Tensor:
         """The training forward path without gradients, augmentation or embedding perturbation; plain MSE."""
-        from utils.step import compute_loss
-        from utils.text_conditioning import encode_prompts
         sd, tok = self.sd, self.sd.tokenizer
         pixels = batch["pixel_values"].to(self.device, dtype=sd.vae.dtype, non_blocking=True)
         latents = sd.vae.encode(pixels).latent_dist.sample(generator) * sd.vae.config.scaling_factor
@@ -733,8 +718,6 @@ class Trainer:
 
 
     def _sample_with_current_weights(self, prefix: str) -> None:
-        from utils.noise import sampling_settings
-        from utils.sampling import build_pipeline, generate, make_grid, plan_samples, sample_stem, sample_tag, write_sample
         cfg, sd, step = self.cfg, self.sd, self.state.global_step
         scfg = self.sample_source.current
         requests = plan_samples(scfg, [it.caption for it in self.scan.items], step=step)
@@ -788,7 +771,6 @@ class Trainer:
         for folder in saved:
             log.info(f"saved {folder}")
             if not cfg.no_save_ckpt:
-                from utils.convert_ldm import save_single_file
                 out_dir = Path(cfg.save_ckpt_dir) if cfg.save_ckpt_dir else self.run_dir / "ckpts"
                 out_dir.mkdir(parents=True, exist_ok=True)
                 path = save_single_file(folder, out_dir / f"{folder.name}.safetensors",
@@ -833,7 +815,6 @@ class Trainer:
         """The epoch's batches before the DDP split; this process's plans at positions beyond it are padding."""
         if self.accelerator.num_processes == 1:
             return len(plans)
-        from data.dataset import epoch_batches
         return len(epoch_batches(self.scan.items, batch_size=self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch,
                                  resolutions=self.resolutions))
 

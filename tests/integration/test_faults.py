@@ -113,8 +113,7 @@ def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(tiny_sd_folder
 
 
 def nan_on(steps: set[int]):
-    from utils import step as step_module
-    original = step_module.compute_loss
+    original = trainer_module.compute_loss
     calls = []
 
     def patched(*args, **kwargs):
@@ -127,8 +126,7 @@ def nan_on(steps: set[int]):
 
 
 def test_a_nan_step_is_skipped_and_training_goes_on(tiny_sd_folder, dataset, tmp_path, monkeypatch):
-    from utils import step as step_module
-    monkeypatch.setattr(step_module, "compute_loss", nan_on({2}))
+    monkeypatch.setattr(trainer_module, "compute_loss", nan_on({2}))
     logdir = tmp_path / "logs"
     assert run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=1)) == 0
     ckpt = find_last(logdir)
@@ -140,8 +138,7 @@ def test_a_nan_step_is_skipped_and_training_goes_on(tiny_sd_folder, dataset, tmp
 
 
 def test_a_run_of_nan_steps_stops_training_without_a_new_checkpoint(tiny_sd_folder, dataset, tmp_path, monkeypatch):
-    from utils import step as step_module
-    monkeypatch.setattr(step_module, "compute_loss", nan_on(set(range(1, 1000))))
+    monkeypatch.setattr(trainer_module, "compute_loss", nan_on(set(range(1, 1000))))
     logdir = tmp_path / "logs"
     assert run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=6)) == 1
     run = only_run(logdir)
