@@ -6,6 +6,7 @@ Every train.json key is also a --key value option; `--help` lists them, doc/CONF
 """
 from __future__ import annotations
 
+import errno
 import sys
 
 
@@ -35,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         return trainer.train()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # any write (checkpoint, single file, logs): completed checkpoints are renamed into place only when whole
+        print(f"error: disk full writing {e.filename or 'the run folder'}: free space and resume from the last "
+              f"checkpoint (--resume_ckpt findlast)", file=sys.stderr)
         return 2
     finally:
         if trainer is not None:

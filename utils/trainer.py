@@ -6,6 +6,7 @@ and utils/; this file only wires them together and owns files, devices and time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -136,6 +137,13 @@ class Trainer:
         # machine-local disk), then the rest (each process goes through 2 barriers, in matching order).
         with self.accelerator.main_process_first(), self.accelerator.local_main_process_first():
             self.model_folder, resume_state = self._resolve_model()
+        if resume_state is not None and resume_state["train_state"]["seed"] != cfg.seed:
+            # data order and noise are functions of the seed: continuing exactly needs the checkpoint's
+            log.info(f"warning: the checkpoint was trained with seed {resume_state['train_state']['seed']}, not "
+                     f"{cfg.seed}; continuing with the checkpoint's seed so the resume is exact")
+            cfg.seed = resume_state["train_state"]["seed"]
+            if self.is_main:
+                write_json_atomic(self.run_dir / "train.json", config_to_dict(cfg))
         self._load_models()
         self._build_optimizers()
         self._wrap_for_ddp()
@@ -238,7 +246,7 @@ class Trainer:
         if self.is_main:
             write_json_atomic(self.run_dir / "optimizer.json", optimizer_config_to_json(self.opt_cfg))
 
-    @property
+    @functools.cached_property
     def ema_params(self) -> list[torch.nn.Parameter]:
         """The trained modules' parameters in a fixed order (EMA state and swaps rely on the order)."""
         params = list(self.sd.unet.parameters()) if self.train_unet else []
@@ -255,8 +263,11 @@ class Trainer:
         ema = EMA(self.ema_params, decay=decay, device=device, update_interval=cfg.ema_update_interval)
         log.info(f"EMA: decay {decay:.6f} every {cfg.ema_update_interval} steps on {device}")
         if cfg.ema_resume_model:
-            folder = find_last(Path(cfg.logdir)).with_name(find_last(Path(cfg.logdir)).name + "_ema") \
-                if cfg.ema_resume_model == "findlast" else Path(cfg.ema_resume_model)
+            if cfg.ema_resume_model == "findlast":
+                last = find_last(Path(cfg.logdir))
+                folder = last.with_name(last.name + "_ema")
+            else:
+                folder = Path(cfg.ema_resume_model)
             ema.copy_from(self._load_weights_like_trained(folder))
             log.info(f"EMA weights from {folder}")
         return ema
@@ -296,9 +307,6 @@ class Trainer:
 
     def _restore(self, sd: dict) -> None:
         self.state = TrainState(**sd["train_state"])
-        if self.state.seed != self.cfg.seed:
-            log.info(f"warning: the checkpoint was trained with seed {self.state.seed}, this run uses "
-                     f"{self.cfg.seed}; the data order continues from the checkpoint's seed")
         for part in self.parts:
             if part.name in sd["optimizers"]:
                 part.optimizer.load_state_dict(sd["optimizers"][part.name])
@@ -763,7 +771,6 @@ class Trainer:
             save_checkpoint_folder(final, write)
         saved = [final]
         if self.ema is not None:
-            from utils.ema import ema_weights
             with ema_weights(self.ema, self.ema_params):
                 saved.append(save_checkpoint_folder(final.with_name(name + "_ema"),
                                                     lambda tmp: self._write_model_folder(tmp, unet, te)))

@@ -144,3 +144,16 @@ def test_a_run_of_nan_steps_stops_training_without_a_new_checkpoint(tiny_sd_fold
     run = only_run(logdir)
     assert not [p for p in (run / "ckpts").iterdir()]
     assert "20 optimizer steps in a row had non-finite" in next(run.glob("*.log")).read_text()
+
+
+def test_full_disk_in_the_single_file_export_is_a_clear_error(tiny_sd_folder, dataset, tmp_path, monkeypatch,
+                                                             capsys):
+    def no_space(folder, out_path, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out_path))
+
+    monkeypatch.setattr(trainer_module, "save_single_file", no_space)
+    logdir = tmp_path / "logs"
+    assert run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=1)) == 2
+    err = capsys.readouterr().err
+    assert "disk full" in err and "Traceback" not in err
+    assert find_last(logdir).name == "last-t-ep01-gs00004"  # the checkpoint folder itself was complete

@@ -77,3 +77,16 @@ def test_pinned_losses(tiny_sd_folder, dataset, tmp_path):
             pytest.fail(f"{GOLDEN} was missing and has been written; commit it")
     golden = json.loads(GOLDEN.read_text())["losses"]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(golden), rtol=1e-4, atol=1e-5)
+
+
+def test_resume_with_another_seed_continues_with_the_checkpoints_seed(tiny_sd_folder, dataset, tmp_path):
+    straight = tmp_path / "straight"
+    assert run_train(base_args(tiny_sd_folder, dataset, straight, max_epochs=1)) == 0
+    first = tmp_path / "first"
+    assert run_train(base_args(tiny_sd_folder, dataset, first, max_epochs=1, max_steps=2)) == 0
+    second = tmp_path / "second"
+    assert run_train(base_args(tiny_sd_folder, dataset, second, max_epochs=1, seed=99,
+                               resume_ckpt=str(final_ckpt(first)))) == 0
+    a, b = weights(final_ckpt(straight)), weights(final_ckpt(second))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert json.loads((only_run(second) / "train.json").read_text())["seed"] == 7
