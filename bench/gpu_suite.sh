@@ -57,6 +57,36 @@ case "$suite" in
       run "ema_${dev}_every_step" python3 -m utils.benchmark --arch sd15 --batch_size 6 --steps 20 --warmup 5 --workdir /tmp/bench_sd15 --optimizer_config null --mixed_precision bf16 --ema_decay_rate 0.999 --ema_update_interval 1 --ema_device $dev
     done
     ;;
+  speed1)  # issue 8, part 1: SD1.5 512 px, UNet + text encoder trained; the levers one by one, then together
+    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --workdir /tmp/b15 --images 960 --steps 25 --warmup 5 --optimizer_config null"
+    FAST="--cache_latents true --torch_compile true --channels_last true --skip_nonfinite_steps false"
+    echo '{"grouped_8bit_step": false}' > /tmp/opt_pertensor.json
+    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 25 --warmup 5
+    run ours_b6_fp16_bnb $B --batch_size 6 --mixed_precision fp16 --optimizer_config /tmp/opt_pertensor.json
+    run ours_b6_bf16_bnb $B --batch_size 6 --mixed_precision bf16 --optimizer_config /tmp/opt_pertensor.json
+    run ours_b6_bf16_grouped $B --batch_size 6 --mixed_precision bf16
+    run ours_b6_grouped_cached $B --batch_size 6 --cache_latents true
+    run ours_b16_cached_cap22 $B --batch_size 16 --cache_latents true --max_vram_gb 22
+    run ours_b16_cached_nhwc_cap22 $B --batch_size 16 --cache_latents true --channels_last true --max_vram_gb 22
+    run ours_b16_cached_nhwc_nosync_cap22 $B --batch_size 16 --cache_latents true --channels_last true --skip_nonfinite_steps false --max_vram_gb 22
+    run ours_b16_fast_cap22 $B --batch_size 16 $FAST --max_vram_gb 22
+    run ours_b8_ckpt_fast_cap10.5 $B --batch_size 8 $FAST --gradient_checkpointing true --max_vram_gb 10.5
+    ;;
+  speed2)  # issue 8, part 2: CUDA graphs, larger batch, SD2.1 768-v
+    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --workdir /tmp/b15 --images 960 --steps 25 --warmup 5 --optimizer_config null"
+    FAST="--cache_latents true --torch_compile true --channels_last true --skip_nonfinite_steps false"
+    run ours_sd21_768_b6_fast_cap22 python3 -m utils.benchmark --arch sd21 --resolution 768 --workdir /tmp/b21 --images 240 --steps 20 --warmup 5 --optimizer_config null --batch_size 6 $FAST --max_vram_gb 22
+    run ours_b16_cudagraphs_cap22 $B --batch_size 16 $FAST --compile_mode reduce-overhead --max_vram_gb 22
+    run ours_b20_fast_cap22 $B --batch_size 20 $FAST --max_vram_gb 22
+    ;;
+  learning)  # issue 8: learning unchanged (200 steps fp32 vs the fast settings, same data and seeds) and no memory
+             # growth over a long run at the 12 GB settings (batch 8, gradient checkpointing, compiled, capped 10.5 GiB)
+    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --workdir /tmp/b15 --images 480 --optimizer_config null --batch_size 8 --cache_latents true --lr 1e-5 --log_every 1"
+    run ours_b16_cached_cap22_eager python3 -m utils.benchmark --arch sd15 --workdir /tmp/b15 --images 480 --optimizer_config null --batch_size 16 --cache_latents true --steps 10 --warmup 3 --max_vram_gb 22
+    run fp32_200_steps $B --steps 195 --warmup 5 --loss_trace "$OUT/loss_fp32.jsonl" --mixed_precision no
+    run fast12gb_${LONG_STEPS:-800}_steps $B --steps $((${LONG_STEPS:-800} - 5)) --warmup 5 --loss_trace "$OUT/loss_fast.jsonl" --torch_compile true --channels_last true --skip_nonfinite_steps false --gradient_checkpointing true --max_vram_gb 10.5
+    run loss_fp32_vs_fast python3 -m utils.benchmark compare "$OUT/loss_fp32.jsonl" "$OUT/loss_fast.jsonl" 200
+    ;;
   *) echo "unknown suite $suite"; exit 2 ;;
 esac
 
@@ -64,10 +94,12 @@ tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
 python3 - "$RESULTS" <<'PY'
 import json, sys
 rows = [line.rstrip("\n").split("\t", 1) for line in open(sys.argv[1]) if line.strip()]
-print(f"\n{'run':<28}{'images/s':>10}{'step ms':>10}{'peak GiB':>10}{'reserved':>10}")
+print(f"\n{'run':<38}{'images/s':>9}{'step ms':>9}{'peak GiB':>9}{'reserved':>9}{'MFU':>7}{'compile s':>10}")
 for name, js in rows:
     d = json.loads(js)
     peak = d.get("peak_allocated_gib", d.get("peak_gib", ""))
-    print(f"{name:<28}{str(d.get('images_per_s', d.get('oom') and 'OOM' or '')):>10}{str(d.get('step_ms', '')):>10}"
-          f"{str(peak):>10}{str(d.get('peak_reserved_gib', d.get('reserved_gib', ''))):>10}")
+    ips = d.get("images_per_s", "OOM" if d.get("oom") else f"rc {d.get('rc', '?')}")
+    print(f"{name:<38}{str(ips):>9}{str(d.get('step_ms', '')):>9}{str(peak):>9}"
+          f"{str(d.get('peak_reserved_gib', d.get('reserved_gib', ''))):>9}{str(d.get('mfu', '')):>7}"
+          f"{str(d.get('compile_s') or ''):>10}")
 PY

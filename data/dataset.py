@@ -6,6 +6,9 @@
     loader = DataLoader(BatchDataset(scan.items, plans[k:], seed=cfg.seed, epoch=e, first_position=k),
                         batch_size=None, num_workers=n)      # one index = one whole batch
 
+With cached latents (data/latent_cache.py), BatchDataset(..., latents=index) returns "latent_moments" instead of
+"pixel_values" and never decodes the image; captions, flips and masks come from the same RNG streams.
+
 Randomness at load time (crop jitter and offset, flip, tag shuffle, caption dropout) comes from an RNG seeded by
 (seed, epoch, batch position in the epoch, slot in the batch), never from a worker's global state, so the result
 does not depend on the number of DataLoader workers and a resumed run replays the same augmentation.
@@ -15,15 +18,17 @@ from __future__ import annotations
 import logging
 import random
 
+import numpy as np
 import torch
 
 from data.buckets import bucket_table, nearest_bucket
 from data.captions import training_caption
 from data.discovery import scan_dataset
 from data.items import DataScan, DataSettings, ImageItem
+from data.latent_cache import LatentCacheIndex
 from data.report import problem_summary, summarize, write_dataset_report
 from data.sampler import BatchPlan, epoch_batches, schedule_filename, write_schedule
-from data.transforms import BadImageError, load_sample
+from data.transforms import BadImageError, crop_box, load_mask, load_sample, render_mask
 from utils.config_schema import ConfigError
 
 __all__ = ["DataSettings", "DataScan", "ImageItem", "BatchPlan", "BatchDataset", "ConfigError", "scan_dataset",
@@ -44,16 +49,19 @@ class BatchDataset(torch.utils.data.Dataset):
 
     first_position: the epoch position of plans[0] for plans that do not carry one (epoch_batches's plans do).
     augment=False (for validation): no crop jitter, centre crop, no flip, no tag shuffle, no caption dropout.
+    latents: read each image's VAE moments from this cache (filled by data.latent_cache.ensure_latents) and return
+    "latent_moments" [B, 2C, h, w] instead of "pixel_values"; always the centre crop, masks at pixel resolution.
     """
 
     def __init__(self, items, plans: list[BatchPlan], *, seed: int, epoch: int, first_position: int = 0,
-                 augment: bool = True):
+                 augment: bool = True, latents: LatentCacheIndex | None = None):
         self.items = items
         self.plans = plans
         self.seed = seed
         self.epoch = epoch
         self.first_position = first_position
         self.augment = augment
+        self.latents = latents
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -69,9 +77,12 @@ class BatchDataset(torch.utils.data.Dataset):
             item: ImageItem = self.items[index]
             image_rng = item_rng(self.seed, self.epoch, position, slot, "image")
             try:
-                px, mask, mask_problem = load_sample(item.path, plan.size, rng=image_rng,
-                                                     crop_jitter=item.crop_jitter, flip_p=item.flip_p,
-                                                     mask_path=item.mask_path, augment=self.augment)
+                if self.latents is None:
+                    px, mask, mask_problem = load_sample(item.path, plan.size, rng=image_rng,
+                                                         crop_jitter=item.crop_jitter, flip_p=item.flip_p,
+                                                         mask_path=item.mask_path, augment=self.augment)
+                else:
+                    px, mask, mask_problem = self._cached_sample(item, plan.size, image_rng)
             except BadImageError as e:
                 skipped.append((item.rel_path, str(e)))
                 log.warning("skipped %s at load time: %s", item.rel_path, e)
@@ -83,7 +94,7 @@ class BatchDataset(torch.utils.data.Dataset):
                 item.main_prompt, item.tags, item.tag_weights, shuffle=item.shuffle_tags and self.augment,
                 keep_tags=item.keep_tags, max_caption_length=item.max_caption_length,
                 cond_dropout=item.cond_dropout if self.augment else 0.0, rng=caption_rng))
-            pixels.append(torch.from_numpy(px))
+            pixels.append(torch.from_numpy(px) if isinstance(px, np.ndarray) else px)
             masks.append(None if mask is None else torch.from_numpy(mask))
             scales.append(item.loss_scale)
             paths.append(str(item.path))
@@ -92,8 +103,24 @@ class BatchDataset(torch.utils.data.Dataset):
             return None
         mask = None
         if any(m is not None for m in masks):
-            h, w = pixels[0].shape[1:]
+            w, h = plan.size            # pixel resolution, also when `pixels` holds latent moments
             mask = torch.stack([m if m is not None else torch.ones(1, h, w) for m in masks])
-        return {"pixel_values": torch.stack(pixels), "captions": captions,
+        images = "pixel_values" if self.latents is None else "latent_moments"
+        return {images: torch.stack(pixels), "captions": captions,
                 "loss_scale": torch.tensor(scales, dtype=torch.float32), "mask": mask, "paths": paths,
                 "skipped": skipped, "size": plan.size, "position": position}
+
+    def _cached_sample(self, item: ImageItem, size: tuple[int, int], rng: random.Random):
+        """(moments, mask or None, mask_problem or None), like load_sample but from the latent cache. The RNG is
+        drawn from as load_sample does (crop_box's 5 draws, then the flip), so the flips match the uncached run;
+        the crop is always the centre one the cache was encoded with."""
+        box = crop_box(item.width, item.height, size, crop_jitter=item.crop_jitter, rng=rng, augment=False)
+        flip = rng.random() < item.flip_p and self.augment
+        moments = self.latents.load(item.path, size, flip)
+        if item.mask_path is None:
+            return moments, None, None
+        try:
+            mask = load_mask(item.mask_path)
+        except BadImageError as e:
+            return moments, None, f"mask {item.mask_path.name}: {e}"
+        return moments, render_mask(mask, box, (item.width, item.height), size, flip), None

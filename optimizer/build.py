@@ -67,18 +67,22 @@ def _adamw(params, s: PartSettings, device_type: str):
                              fused=True if device_type == "cuda" else None)
 
 
-def _adamw8bit(params, s: PartSettings, device_type: str):
-    bnb = _package("bitsandbytes", "adamw8bit")
-    return bnb.optim.AdamW8bit(params, lr=s.lr, betas=_betas(s), eps=s.epsilon, weight_decay=s.weight_decay)
+def _adamw8bit(params, s: PartSettings, device_type: str, grouped_8bit_step: bool = True):
+    _package("bitsandbytes", "adamw8bit")
+    from optimizer import grouped8bit  # imports bitsandbytes
+    cls = grouped8bit.GroupedAdamW8bit if grouped_8bit_step else grouped8bit.AdamW8bit
+    return cls(params, lr=s.lr, betas=_betas(s), eps=s.epsilon, weight_decay=s.weight_decay)
 
 
 def _lion(params, s: PartSettings, device_type: str):
     return _package("lion_pytorch", "lion").Lion(params, lr=s.lr, betas=_betas(s), weight_decay=s.weight_decay)
 
 
-def _lion8bit(params, s: PartSettings, device_type: str):
-    bnb = _package("bitsandbytes", "lion8bit")
-    return bnb.optim.Lion8bit(params, lr=s.lr, betas=_betas(s), weight_decay=s.weight_decay)
+def _lion8bit(params, s: PartSettings, device_type: str, grouped_8bit_step: bool = True):
+    _package("bitsandbytes", "lion8bit")
+    from optimizer import grouped8bit
+    cls = grouped8bit.GroupedLion8bit if grouped_8bit_step else grouped8bit.Lion8bit
+    return cls(params, lr=s.lr, betas=_betas(s), weight_decay=s.weight_decay)
 
 
 def _growth_rate(s: PartSettings) -> float:
@@ -133,6 +137,8 @@ OPTIMIZER_BUILDERS: dict[str, Callable] = {
     "dadapt_adam": _dadapt_adam, "dadapt_lion": _dadapt_lion, "dadapt_sgd": _dadapt_sgd, "adafactor": _adafactor,
     "adamw_schedulefree": _adamw_schedulefree,
 }
+# Builders that take grouped_8bit_step (optimizer.json's top-level key): chunked step or bitsandbytes' own loop.
+GROUPED_8BIT_OPTIMIZERS = frozenset({"adamw8bit", "lion8bit"})
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, s: PartSettings) -> torch.optim.lr_scheduler.LambdaLR:
@@ -163,9 +169,10 @@ def resolve_for_run(name: str, s: PartSettings, *, total_steps: int, lr_scale: f
 
 def build_part(name: str, settings: PartSettings, params: list[torch.nn.Parameter], *, total_steps: int,
                lr_scale: float, device_type: str, warn: Warn, total_params: int = 0,
-               freeze_plan: FreezePlan | None = None) -> OptimizerPart:
+               freeze_plan: FreezePlan | None = None, grouped_8bit_step: bool = True) -> OptimizerPart:
     resolved = resolve_for_run(name, settings, total_steps=total_steps, lr_scale=lr_scale, warn=warn)
-    optimizer = OPTIMIZER_BUILDERS[resolved.optimizer](params, resolved, device_type)
+    extra = {"grouped_8bit_step": grouped_8bit_step} if resolved.optimizer in GROUPED_8BIT_OPTIMIZERS else {}
+    optimizer = OPTIMIZER_BUILDERS[resolved.optimizer](params, resolved, device_type, **extra)
     return OptimizerPart(name=name, optimizer=optimizer, scheduler=make_scheduler(optimizer, resolved),
                          params=params, settings=resolved, total_params=total_params, lr_scale=lr_scale,
                          freeze_plan=freeze_plan)
@@ -198,14 +205,16 @@ def build_optimizer_parts(opt_cfg: OptimizerConfig, *, unet: torch.nn.Module | N
         params = list(unet.parameters())
         parts.append(build_part("unet", opt_cfg.unet, params, total_steps=total_steps,
                                 lr_scale=_lr_scale_for("unet", opt_cfg.unet, scale, warn), device_type=device_type,
-                                warn=warn, total_params=sum(p.numel() for p in params)))
+                                warn=warn, total_params=sum(p.numel() for p in params),
+                                grouped_8bit_step=opt_cfg.grouped_8bit_step))
     if text_encoder is not None:
         params, plan = apply_text_encoder_freezing(text_encoder, opt_cfg.text_encoder_freezing, warn)
         total = sum(p.numel() for p in text_encoder.parameters())
         if params:
             parts.append(build_part("text_encoder", opt_cfg.text_encoder, params, total_steps=total_steps,
                                     lr_scale=_lr_scale_for("text_encoder", opt_cfg.text_encoder, scale, warn),
-                                    device_type=device_type, warn=warn, total_params=total, freeze_plan=plan))
+                                    device_type=device_type, warn=warn, total_params=total, freeze_plan=plan,
+                                    grouped_8bit_step=opt_cfg.grouped_8bit_step))
         else:
             warn("text_encoder_freezing freezes every text-encoder parameter: the text encoder is not trained")
     if not parts:

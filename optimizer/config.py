@@ -119,6 +119,10 @@ class _OptimizerFile:
     apply_grad_scaler_step_tweaks: bool = doc(True, "fp16 only: slow the GradScaler's growth at optimizer steps "
                                                     "500/1000/2000/4000 (EveryDream2).")
     log_grad_norm: bool = doc(True, "Log each part's gradient norm at every logged optimizer step.")
+    grouped_8bit_step: bool = doc(True, "adamw8bit, lion8bit: step groups of tensors at once with bitsandbytes' "
+                                        "kernels (the same math, much faster on the GPU); false: bitsandbytes' "
+                                        "own classes, one tensor at a time. Checkpoints' optimizer state loads "
+                                        "only with the setting it was saved with.")
     # last: from here on the class body's `doc` is this field, not the helper
     doc: Any = doc(None, "Free text (string, list or object), ignored; optional.")
 
@@ -131,6 +135,7 @@ class OptimizerConfig:
     text_encoder_freezing: FreezeSettings = dataclasses.field(default_factory=FreezeSettings)
     apply_grad_scaler_step_tweaks: bool = True
     log_grad_norm: bool = True
+    grouped_8bit_step: bool = True
     source: str = "defaults"
 
 
@@ -324,7 +329,8 @@ def load_optimizer_config(path: str | None, *, lr_override: float | None = None,
                  f"multiplies that estimate; 1.0 (0.1 to 1.0) is usual")
     return OptimizerConfig(unet=unet, text_encoder=text_encoder, text_encoder_freezing=freezing,
                            apply_grad_scaler_step_tweaks=top.get("apply_grad_scaler_step_tweaks", True),
-                           log_grad_norm=top.get("log_grad_norm", True), source=source)
+                           log_grad_norm=top.get("log_grad_norm", True),
+                           grouped_8bit_step=top.get("grouped_8bit_step", True), source=source)
 
 
 def optimizer_config_to_json(cfg: OptimizerConfig) -> dict:
@@ -338,6 +344,7 @@ def optimizer_config_to_json(cfg: OptimizerConfig) -> dict:
         "text_encoder_freezing": to_jsonable(cfg.text_encoder_freezing),
         "apply_grad_scaler_step_tweaks": cfg.apply_grad_scaler_step_tweaks,
         "log_grad_norm": cfg.log_grad_norm,
+        "grouped_8bit_step": cfg.grouped_8bit_step,
     }
 
 

@@ -4,12 +4,16 @@
 
 Builds the SD1.5 or SD2.1 architecture (configs shipped, nothing downloaded), writes synthetic JPEGs to a
 temporary data_root, and runs the same Trainer that train.py runs. After the warm-up steps it reports images/s
-(end to end, data loading included), step time, and peak allocated / reserved GPU memory. Any other
-train.json key can be passed through as --key value (e.g. --mixed_precision fp16 --gradient_checkpointing).
+(end to end, data loading included), step time, peak allocated / reserved GPU memory, the FLOPs of one training
+image (counted from the model configs) with the achieved TFLOP/s and model FLOP utilisation (MFU), setup and
+compile time, and how much GPU and host memory grew from the end of the warm-up to the last step. Any other
+train.json key can be passed through as --key value (e.g. --mixed_precision fp16 --cache_latents true).
+--log_every N logs the loss every N steps (metrics.jsonl of the run; --loss_trace FILE copies it as JSON lines).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -46,8 +50,15 @@ def run(argv: list[str] | None = None) -> dict:
     ap.add_argument("--num_workers", type=int, default=None)
     ap.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("W", "H"),
                     help="synthetic JPEG size (default: resolution x resolution)")
+    ap.add_argument("--log_every", type=int, default=None, help="log (and trace memory) every N steps")
+    ap.add_argument("--loss_trace", default=None, help="write the logged losses here as JSON lines")
+    ap.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU "
+                    "(default: from the device name, see utils/flops.py)")
     args, passthrough = ap.parse_known_args(argv)
 
+    import os
+    # as the trainer does, but here before the first CUDA call (the memory cap below)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
     if args.max_vram_gb and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
@@ -59,6 +70,7 @@ def run(argv: list[str] | None = None) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sdbench-"))
     data = work / "data"
     n_images = args.images or args.batch_size * (args.steps + args.warmup)
+    log_every = args.log_every or args.warmup
     if not data.exists():
         write_synthetic_images(data, n_images, tuple(args.image_size or (args.resolution, args.resolution)))
     if args.data_only:
@@ -67,44 +79,136 @@ def run(argv: list[str] | None = None) -> dict:
     argv_cfg = ["--resume_ckpt", f"builtin:{args.arch}", "--data_root", str(data), "--logdir", str(work / "logs"),
                 "--project_name", "bench", "--resolution", str(args.resolution), "--batch_size",
                 str(args.batch_size), "--max_steps", str(total_steps), "--max_epochs", "1000",
-                "--log_step", str(args.warmup), "--sample_steps", "1000000", "--cond_dropout", "0",
-                "--no_save_ckpt", "--ckpt_every_n_minutes", "100000", *passthrough]
+                "--log_step", str(log_every), "--sample_steps", "1000000", "--cond_dropout", "0",
+                "--no_save_ckpt", "--ckpt_every_n_minutes", "100000", "--latent_cache_dir", str(work / "latents"),
+                *passthrough]
     cfg, _ = load_config(argv_cfg)
     trainer = Trainer(cfg)
+    cuda = torch.cuda.is_available()
     try:
+        t_setup = time.perf_counter()
         trainer.setup()
-        timings = {}
+        setup_s = time.perf_counter() - t_setup
+        timings, memory = {}, {}
 
         def on_log(step: int) -> None:  # called at each log step; steps warmup..warmup+steps are timed
-            if torch.cuda.is_available():
+            if cuda:
                 torch.cuda.synchronize()
             timings[step] = time.perf_counter()
-            if step == args.warmup and torch.cuda.is_available():
+            memory[step] = (torch.cuda.memory_allocated() if cuda else 0, torch.cuda.memory_reserved() if cuda else 0,
+                            _host_rss())
+            if step == args.warmup and cuda:
                 torch.cuda.reset_peak_memory_stats()
 
         trainer.log_hook = on_log
-        trainer.cfg.log_step = args.warmup
-        trainer.train(final_outputs=False)
-    except torch.OutOfMemoryError:
-        result = {"arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size, "oom": True}
-        print(json.dumps(result), flush=True)
-        return result
+        code = trainer.train(final_outputs=False)
+    except torch.OutOfMemoryError:  # in setup; the loop catches its own and returns 1
+        trainer.out_of_memory, code = True, 1
     finally:
         trainer.cleanup()
-    # log steps are multiples of `warmup`: time from the first log step to the last one
-    marks = sorted(timings)
+    if code != 0:
+        result = {"arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size,
+                  "oom": trainer.out_of_memory, "rc": code, "options": " ".join(passthrough)}
+        print(json.dumps(result), flush=True)
+        return result
+    # time from the log step that ends the warm-up to the last one
+    marks = sorted(m for m in timings if m >= args.warmup)
     t_steps = marks[-1] - marks[0]
     dt = (timings[marks[-1]] - timings[marks[0]]) / t_steps
+    images_per_s = args.batch_size / dt
     result = {"arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size,
-              "timed_steps": t_steps, "step_ms": round(dt * 1e3, 1), "images_per_s": round(args.batch_size / dt, 2),
+              "timed_steps": t_steps, "step_ms": round(dt * 1e3, 1), "images_per_s": round(images_per_s, 2),
+              "setup_s": round(setup_s, 1), "compile_s": trainer.compile_seconds and round(trainer.compile_seconds, 1),
               "options": " ".join(passthrough)}
-    if torch.cuda.is_available():
+    if cuda:
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    result.update(_flop_figures(trainer, images_per_s, args.peak_tflops, work))
+    result.update(_memory_growth(memory, marks))
+    if args.loss_trace:
+        _write_loss_trace(trainer.run_dir / "metrics.jsonl", Path(args.loss_trace))
     print(json.dumps(result), flush=True)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _host_rss() -> int:
+    """Resident memory of this process in bytes (Linux; 0 elsewhere)."""
+    try:
+        import os
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _memory_growth(memory: dict, marks: list[int]) -> dict:
+    """GPU allocated / reserved and host RSS at the end of the warm-up and at the last step (MiB), and the growth."""
+    if len(marks) < 2:
+        return {}
+    first, last = memory[marks[0]], memory[marks[-1]]
+    out = {}
+    for i, name in enumerate(("gpu_allocated", "gpu_reserved", "host_rss")):
+        out[f"{name}_mib"] = [round(first[i] / 2**20), round(last[i] / 2**20)]
+        out[f"{name}_growth_mib"] = round((last[i] - first[i]) / 2**20, 1)
+    return out
+
+
+def _flop_figures(trainer, images_per_s: float, peak: float | None, work: Path) -> dict:
+    """GFLOP per image (from the configs; the VAE encode counts unless latents are cached), TFLOP/s and MFU."""
+    import torch
+    from utils.flops import peak_tflops, training_flops_per_image
+    sd, cfg = trainer.sd, trainer.cfg
+    size = trainer.resolutions[0]  # the benchmark's square images train at the base resolution
+    known = work / "flops.json"    # counting SD-sized models takes seconds: once per workdir and setting
+    key = hashlib.sha1(json.dumps([dict(sd.unet.config), sd.text_encoder.config.to_dict(), size, cfg.cache_latents,
+                                   trainer.train_te], sort_keys=True, default=str).encode()).hexdigest()
+    table = json.loads(known.read_text()) if known.exists() else {}
+    if key not in table:
+        table[key] = training_flops_per_image(dict(sd.unet.config), sd.text_encoder.config,
+                                              None if cfg.cache_latents else dict(sd.vae.config), width=size,
+                                              height=size, train_text_encoder=trainer.train_te)
+        known.write_text(json.dumps(table))
+    flops = table[key]
+    tflops = flops * images_per_s / 1e12
+    out = {"gflop_per_image": round(flops / 1e9, 3), "tflops": round(tflops, 2)}
+    if torch.cuda.is_available():
+        peak = peak or peak_tflops(torch.cuda.get_device_name(0))
+        if peak:
+            out["mfu"] = round(tflops / peak, 3)
+    return out
+
+
+def _write_loss_trace(metrics: Path, out: Path) -> None:
+    with open(metrics) as f, open(out, "w") as w:
+        for line in f:
+            row = json.loads(line)
+            if "loss/log_step" in row:
+                w.write(json.dumps({"step": row["step"], "loss": row["loss/log_step"]}) + "\n")
+
+
+def loss_agreement(reference: list[dict], candidate: list[dict], steps: int, tolerance: float = 0.02) -> dict:
+    """Compare two runs' per-step losses over their first `steps` steps (same data, seeds and noise, so the
+    difference is numerics): relative difference of the mean loss overall and over the last quarter, and the
+    median per-step relative difference. ok when both means agree within `tolerance`."""
+    ref = {row["step"]: row["loss"] for row in reference if row["step"] <= steps}
+    cand = {row["step"]: row["loss"] for row in candidate if row["step"] <= steps}
+    common = sorted(ref.keys() & cand.keys())
+    if not common:
+        raise ValueError("the two traces share no step")
+    late = common[len(common) * 3 // 4:]
+
+    def rel(keys):
+        a, b = sum(ref[k] for k in keys) / len(keys), sum(cand[k] for k in keys) / len(keys)
+        return a, b, abs(b - a) / abs(a)
+    per_step = sorted(abs(cand[k] - ref[k]) / abs(ref[k]) for k in common)
+    mean_ref, mean_cand, d_all = rel(common)
+    late_ref, late_cand, d_late = rel(late)
+    return {"steps": len(common), "mean_loss": [round(mean_ref, 5), round(mean_cand, 5)],
+            "mean_rel_diff": round(d_all, 4), "last_quarter_loss": [round(late_ref, 5), round(late_cand, 5)],
+            "last_quarter_rel_diff": round(d_late, 4), "median_step_rel_diff": round(per_step[len(per_step) // 2], 4),
+            "tolerance": tolerance, "ok": d_all <= tolerance and d_late <= tolerance}
 
 
 def _time_data_pipeline(data: Path, args) -> dict:
@@ -131,5 +235,18 @@ def _time_data_pipeline(data: Path, args) -> dict:
     return result
 
 
+def compare_main(argv: list[str]) -> int:
+    """python -m utils.benchmark compare REFERENCE.jsonl CANDIDATE.jsonl STEPS: the loss traces of two runs."""
+    ref, cand, steps = argv
+
+    def read(path):
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    result = loss_agreement(read(ref), read(cand), int(steps))
+    print(json.dumps(result), flush=True)
+    return 0 if result["ok"] else 1
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["compare"]:
+        sys.exit(compare_main(sys.argv[2:]))
     run(sys.argv[1:])

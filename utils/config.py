@@ -113,6 +113,19 @@ class TrainConfig:
                                            "no sync outside logging steps.")
     num_workers: int | None = doc(None, "DataLoader worker processes (null: min(8, CPU cores - 1)).",
                                   minimum=0)
+    # --- speed (doc/PERFORMANCE.md) ---
+    cache_latents: bool = doc(False, "Encode each image once with the VAE and keep the result on disk (centre crop: "
+                                     "crop_jitter and the random crop offset are off; flips are cached too). Steps "
+                                     "then skip the VAE; the cache is rebuilt when an image, its bucket or the VAE "
+                                     "changes.")
+    latent_cache_dir: str | None = doc(None, "Where cached latents go (null: <logdir>/.latent_cache, shared by runs).")
+    cache_te_outputs: bool = doc(True, "With the text encoder frozen (disable_textenc_training): compute each "
+                                       "distinct caption's conditioning once and reuse it (exact; bounded to 1 GiB).")
+    torch_compile: bool = doc(False, "torch.compile the trained UNet and text encoder. The first steps of each new "
+                                     "shape compile (a minute or more; logged); afterwards steps are faster.")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = doc(
+        "default", "torch.compile mode; reduce-overhead adds CUDA graphs (more memory).")
+    channels_last: bool = doc(False, "Keep the UNet's weights and activations in channels-last memory format.")
     # --- logging, samples, saving ---
     project_name: str = doc("myproj", "Names the run folder logs/<project_name>-<timestamp> and checkpoints.")
     logdir: str = doc("logs", "Root folder for runs.")

@@ -54,3 +54,34 @@ def perturb_embeddings(embeddings: Tensor, generator: torch.Generator, *, gamma:
     noise = torch.randn(tuple(embeddings.shape), generator=generator, device=generator.device)
     std = gamma / math.sqrt(embeddings.shape[-1])
     return embeddings + (noise * std).to(device=embeddings.device, dtype=embeddings.dtype)
+
+
+class PromptCache:
+    """Conditioning per caption string for a frozen text encoder: each distinct caption is encoded once.
+
+    Exact (a frozen encoder in eval mode is deterministic), so it is on by default. Tag shuffling and weighted
+    tags make many distinct captions: the least recently used entries go once max_bytes is reached."""
+
+    def __init__(self, max_bytes: int = 2**30):
+        from collections import OrderedDict
+        self.entries: OrderedDict[str, Tensor] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def lookup(self, captions: list[str], encode) -> Tensor:
+        """[B, L, d] for the captions; encode(list of captions) -> [n, L, d] runs for the missing ones only."""
+        missing = list(dict.fromkeys(c for c in captions if c not in self.entries))
+        self.hits += len(captions) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            with torch.no_grad():
+                for caption, hidden in zip(missing, encode(missing)):
+                    self.entries[caption] = hidden = hidden.clone()  # not a view pinning the whole batch
+                    self.bytes += hidden.numel() * hidden.element_size()
+        for caption in captions:
+            self.entries.move_to_end(caption)
+        while self.bytes > self.max_bytes and len(self.entries) > len(captions):
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+        return torch.stack([self.entries[c] for c in captions])

@@ -17,9 +17,11 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from data.dataset import (BatchDataset, DataSettings, epoch_batches, scan_dataset, summarize, write_dataset_report,
                           write_schedule)
+from data.latent_cache import ensure_latents, needed_entries
 from optimizer.build import (build_optimizer_parts, current_lr, describe, eval_weights, grad_scaler_tweak,
                              set_train_mode)
 from optimizer.config import load_optimizer_config, optimizer_config_to_json
@@ -37,7 +39,7 @@ from utils.run_logging import MetricsSink, add_log_file, get_logger, quiet_libra
 from utils.sampling import (SampleConfigSource, build_pipeline, generate, make_grid, plan_samples, sample_stem,
                             sample_tag, write_sample)
 from utils.step import LossSettings, batch_seed, compute_loss
-from utils.text_conditioning import encode_prompts, perturb_embeddings
+from utils.text_conditioning import PromptCache, encode_prompts, perturb_embeddings
 from utils.validation import (ValidationHistory, describe_split, evaluate_loss, load_validation_config,
                               split_for_validation, validation_due, validation_loss_settings, validation_sets)
 
@@ -88,6 +90,9 @@ class Trainer:
         """Cheap: checks option combinations against this machine; loads nothing."""
         self.cfg = cfg
         self.config_path = config_path  # re-read each epoch with load_settings_every_epoch
+        # Buckets of many sizes fragment the caching allocator; growable segments let freed memory be reused. Read
+        # when CUDA first allocates, so set before anything touches the GPU; a user's own setting wins.
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         from accelerate import Accelerator
         self.accelerator = Accelerator(mixed_precision="no")  # autocast and the GradScaler are ours (see doc)
         self.device = self.accelerator.device
@@ -103,6 +108,8 @@ class Trainer:
         if not self.is_main:
             log.setLevel("WARNING")  # the console shows the main process's lines once, not N times
         self.amp_dtype = amp_dtype(cfg.mixed_precision, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # the fastest convolution per input shape, picked once per bucket
         if cfg.mixed_precision in ("fp16", "bf16") and self.device.type != "cuda":
             log.info(f"mixed_precision {cfg.mixed_precision} needs a CUDA GPU; training in fp32 on {self.device}")
             self.amp_dtype = None
@@ -118,6 +125,8 @@ class Trainer:
         self._signals_seen = 0
         self._stop_signal, self._save_agreed, self._images_synced = None, False, 0  # N processes: _agree_at_step
         self.nonfinite_run = 0
+        self.out_of_memory = False
+        self.compile_seconds: float | None = None  # torch_compile: wall time of the first step, compiling included
         self.log_hook = None  # benchmark timing: called with the step number at each logging step
 
     # ------------------------------------------------------------------ setup
@@ -145,6 +154,7 @@ class Trainer:
             if self.is_main:
                 write_json_atomic(self.run_dir / "train.json", config_to_dict(cfg))
         self._load_models()
+        self.latent_index = self._cache_latents() if cfg.cache_latents else None
         self._build_optimizers()
         self._wrap_for_ddp()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -207,10 +217,13 @@ class Trainer:
         sd.vae.requires_grad_(False).to(self.device, dtype=frozen_dtype).eval()
         sd.unet.to(self.device, dtype=torch.float32 if self.train_unet else frozen_dtype)
         sd.text_encoder.to(self.device, dtype=torch.float32 if self.train_te else frozen_dtype)
+        if cfg.channels_last:  # convolutions in NHWC: the layout cuDNN's tensor-core kernels want
+            sd.unet.to(memory_format=torch.channels_last)
         if not self.train_unet:
             sd.unet.requires_grad_(False).eval()
         if not self.train_te:
             sd.text_encoder.requires_grad_(False).eval()
+        self.te_cache = PromptCache() if not self.train_te and cfg.cache_te_outputs else None
         if cfg.attn_type == "xformers":
             sd.unet.enable_xformers_memory_efficient_attention()
         elif cfg.attn_type == "slice":
@@ -225,6 +238,19 @@ class Trainer:
         if self.train_te:
             sd.text_encoder.train()
         self.unet, self.text_encoder = sd.unet, sd.text_encoder  # DDP-wrapped by _wrap_for_ddp, after freezing
+
+    def _cache_latents(self):
+        """Encode what is not cached yet (each process its share), then every process reads the whole cache."""
+        cfg = self.cfg
+        cache_dir = Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else Path(cfg.logdir) / ".latent_cache"
+        report = ensure_latents(self.scan.items, needed_entries(self.scan.items, self.resolutions), self.sd.vae,
+                                cache_dir, rank=self.accelerator.process_index,
+                                world_size=self.accelerator.num_processes, progress=self.is_main)
+        log.info(report.summary())
+        if cfg.crop_jitter or any(item.crop_jitter for item in self.scan.items):
+            log.info("cache_latents: images train with their centre crop; crop_jitter is not applied")
+        self.accelerator.wait_for_everyone()
+        return report.index
 
     def _build_optimizers(self) -> None:
         cfg = self.cfg
@@ -353,6 +379,7 @@ class Trainer:
                     self._validate()
                 if self.sample_source.current.generate_pretrain_samples:
                     self.sample()
+            self.loop_started = time.perf_counter()
             while st.epoch < cfg.max_epochs and not self._finished() and not self.stop_requested:
                 self._reload_live_settings()
                 self._train_epoch(bar)
@@ -362,6 +389,7 @@ class Trainer:
             log.info(f"error: {e}")
             return 1
         except torch.OutOfMemoryError:
+            self.out_of_memory = True
             log.info(OOM_ADVICE.format(batch_size=cfg.batch_size, resolution=cfg.resolution))
             self._rescue_save()
             return 1
@@ -426,6 +454,8 @@ class Trainer:
             st.batches_done = i + 1
             st.global_step += 1
             bar.update(1)
+            if self.compile_seconds is None and self.cfg.torch_compile:
+                self._log_compile_time()
             self._after_step(norms, window, bar)
             if self._finished() or self.stop_requested:
                 break
@@ -450,6 +480,8 @@ class Trainer:
                 setattr(self.cfg, key, new)
         for key, (old, new) in changes.items():
             log.info(f"epoch {self.state.epoch + 1}: {key} {old} -> {new} (from {self.config_path})")
+        if "clip_skip" in changes and self.te_cache is not None:
+            self.te_cache = PromptCache()  # cached conditioning came from the other layer
 
     def _rescue_save(self) -> None:
         """After an error in the loop the weights are those of the last optimizer step: keep them if we can."""
@@ -488,7 +520,8 @@ class Trainer:
         return plans
 
     def _loader(self, plans, epoch: int, start: int):
-        dataset = BatchDataset(self.scan.items, plans[start:], seed=self.cfg.seed, epoch=epoch, first_position=start)
+        dataset = BatchDataset(self.scan.items, plans[start:], seed=self.cfg.seed, epoch=epoch, first_position=start,
+                               latents=self.latent_index)
         workers = self.cfg.num_workers if self.cfg.num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
         return torch.utils.data.DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=min(workers, len(dataset)),
@@ -496,35 +529,48 @@ class Trainer:
             prefetch_factor=4 if workers else None, persistent_workers=False)
 
     def _encode_captions(self, captions: list[str]) -> torch.Tensor:
-        tok = self.sd.tokenizer
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.device, non_blocking=True)
-        with torch.set_grad_enabled(self.train_te):
-            hidden = encode_prompts(self.text_encoder, ids, clip_skip=self.cfg.clip_skip)
+        if self.te_cache is not None:
+            hidden = self.te_cache.lookup(captions, self._run_text_encoder)
+        else:
+            hidden = self._run_text_encoder(captions)
         if self.cfg.embedding_perturbation:
             hidden = perturb_embeddings(hidden, self.generator, gamma=self.cfg.embedding_perturbation)
         return hidden
 
+    def _run_text_encoder(self, captions: list[str]) -> torch.Tensor:
+        tok = self.sd.tokenizer
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device, non_blocking=True)
+        with torch.set_grad_enabled(self.train_te):
+            return encode_prompts(self.text_encoder, ids, clip_skip=self.cfg.clip_skip)
+
     def _micro_step(self, batch: dict, group_size: float, sync_grads: bool, weight: float = 1.0) -> torch.Tensor:
         cfg, sd = self.cfg, self.sd
         self.generator.manual_seed(batch_seed(cfg.seed, self.state.epoch, batch["position"]))
-        pixels = batch["pixel_values"].to(self.device, dtype=sd.vae.dtype, non_blocking=True)
-        with torch.no_grad():
-            latents = sd.vae.encode(pixels).latent_dist.sample(self.generator) * sd.vae.config.scaling_factor
-        latents = latents.float()
+        if "latent_moments" in batch:  # cache_latents: the VAE posterior was stored; draw from it as below
+            moments = batch["latent_moments"].to(self.device, non_blocking=True)
+            latent_dist = DiagonalGaussianDistribution(moments)
+        else:
+            pixels = batch["pixel_values"].to(self.device, dtype=sd.vae.dtype, non_blocking=True)
+            with torch.no_grad():
+                latent_dist = sd.vae.encode(pixels).latent_dist
+        latents = latent_dist.sample(self.generator).float() * sd.vae.config.scaling_factor
         pixel_weight = None
         if batch.get("mask") is not None and use_mask_this_step(self.generator, cfg.unmasked_probability):
-            pixel_weight = mask_to_latent_weight(batch["mask"].to(self.device), latents.shape[-2:],
+            pixel_weight = mask_to_latent_weight(batch["mask"].to(self.device, non_blocking=True), latents.shape[-2:],
                                                  unmasked_weight=cfg.unmasked_weight,
                                                  normalize_masked_area_loss=cfg.normalize_masked_area_loss)
         no_sync = contextlib.ExitStack()
         if not sync_grads and self.accelerator.num_processes > 1:
             for model in (m for m, t in ((self.unet, self.train_unet), (self.text_encoder, self.train_te)) if t):
                 no_sync.enter_context(self.accelerator.no_sync(model))
-        with no_sync, torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            hidden = self._encode_captions(batch["captions"])
-            loss, _ = compute_loss(self.unet, self.noise_scheduler, latents, hidden, self.generator,
-                                   self.loss_settings, loss_scale=batch["loss_scale"], pixel_weight=pixel_weight)
+        with no_sync:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                hidden = self._encode_captions(batch["captions"])
+                loss, _ = compute_loss(self.unet, self.noise_scheduler, latents, hidden, self.generator,
+                                       self.loss_settings, loss_scale=batch["loss_scale"], pixel_weight=pixel_weight)
+            # Backward outside autocast (it reuses the forward's dtypes anyway): leaving the region drops autocast's
+            # cache of low-precision weight copies, which with gradient checkpointing is recomputed per block.
             # Micro-batches of one optimizer step are averaged, so grad_accum does not change the step size.
             self.scaler.scale(loss / group_size if weight == 1.0 else loss * weight).backward()
         return loss.detach()
@@ -572,6 +618,13 @@ class Trainer:
             part.scheduler.step()
             part.optimizer.zero_grad(set_to_none=True)
         return norms
+
+    def _log_compile_time(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # once: the first step's kernels are part of its time
+        self.compile_seconds = time.perf_counter() - self.loop_started
+        log.info(f"torch.compile: the first step took {self.compile_seconds:.1f} s (compiling); a new bucket size "
+                 f"compiles once more, later steps do not")
 
     def _count_nonfinite(self, skipped: bool) -> None:
         self.nonfinite_run = self.nonfinite_run + 1 if skipped else 0
@@ -817,6 +870,19 @@ class Trainer:
                 find_unused_parameters=True)
         elif self.train_te:
             self.text_encoder = self.accelerator.prepare(self.sd.text_encoder)
+        if self.cfg.torch_compile:
+            self._compile_models()
+
+    def _compile_models(self) -> None:
+        """torch.compile wraps only the step's modules: sampling and saving use the plain ones (sd.unet), so a
+        sample at another size or batch compiles nothing. After a second input shape (another bucket, a short last
+        batch) dynamo marks the changed sizes dynamic, so further buckets reuse that graph instead of recompiling."""
+        mode = None if self.cfg.compile_mode == "default" else self.cfg.compile_mode
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.unet = torch.compile(self.unet, mode=mode)
+        if self.train_te:
+            self.text_encoder = torch.compile(self.text_encoder, mode=mode)
+        log.info(f"torch.compile ({self.cfg.compile_mode}): the first steps compile; their time is logged")
 
     def _epoch_batch_count(self, epoch: int, plans: list) -> int:
         """The epoch's batches before the DDP split; this process's plans at positions beyond it are padding."""

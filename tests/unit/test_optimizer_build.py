@@ -209,7 +209,7 @@ def test_describe_has_one_line_per_part(models):
     unet, text_encoder = models
     cfg = load_optimizer_config(None)
     lines = describe(build(cfg, unet, text_encoder, total_steps=50)).splitlines()
-    assert len(lines) == 2 and lines[0].startswith("unet: adamw8bit (AdamW8bit), lr 1e-06, constant;")
+    assert len(lines) == 2 and lines[0].startswith("unet: adamw8bit (GroupedAdamW8bit), lr 1e-06, constant;")
     assert lines[1].startswith("text_encoder: adamw8bit") and "12,960 of 12,960 parameters train" in lines[1]
 
 

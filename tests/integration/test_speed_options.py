@@ -1,0 +1,81 @@
+"""The speed options change how a step runs, never what it learns: each run here is compared with the plain run."""
+import functools
+
+import pytest
+import torch
+
+from tests.integration.conftest import base_args, checkpoint_weights, only_run, read_metrics, run_train
+
+
+def losses(logdir):
+    return [row["loss/log_step"] for row in read_metrics(only_run(logdir)) if "loss/log_step" in row]
+
+
+def last_checkpoint(logdir):
+    return next(p for p in (only_run(logdir) / "ckpts").iterdir() if p.name.startswith("last-"))
+
+
+@pytest.fixture()
+def plain_run(tiny_sd_folder, dataset, tmp_path):
+    def run(name, **overrides):
+        logdir = tmp_path / name
+        assert run_train(base_args(tiny_sd_folder, dataset, logdir, **{"max_epochs": 1, **overrides})) == 0
+        return logdir
+    return run
+
+
+def test_torch_compile_trains_like_eager_and_saves_plain_keys(plain_run, monkeypatch):
+    # aot_eager: dynamo and AOT autograd as in production, without needing inductor's C++ toolchain in CI
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    eager = plain_run("eager")
+    compiled = plain_run("compiled", torch_compile=True)
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)
+    run_log = next(only_run(compiled).glob("*.log")).read_text()
+    assert "torch.compile: the first step took" in run_log
+    weights = checkpoint_weights(last_checkpoint(compiled))
+    assert not any("_orig_mod" in k for k in weights)
+    reference = checkpoint_weights(last_checkpoint(eager))
+    assert weights.keys() == reference.keys()
+    assert max((weights[k] - reference[k]).abs().max().item() for k in weights) < 1e-4
+
+
+def test_channels_last_trains_like_default(plain_run):
+    default, nhwc = plain_run("default"), plain_run("nhwc", channels_last=True)
+    assert losses(nhwc) == pytest.approx(losses(default), rel=1e-5)
+
+
+def test_text_encoder_output_cache_is_exact(plain_run):
+    cached = plain_run("cached", disable_textenc_training=True, cache_te_outputs=True, max_epochs=2)
+    uncached = plain_run("uncached", disable_textenc_training=True, cache_te_outputs=False, max_epochs=2)
+    assert losses(cached) == losses(uncached)
+
+
+def test_cached_latents_train_like_the_vae_in_the_step(tiny_sd_folder, tmp_path):
+    """Square images at the bucket's aspect and no crop jitter: the centre crop is the only crop, so the cached
+    posterior gives the same latents, noise and losses as encoding in the step. A second run encodes nothing."""
+    from tests.integration.conftest import make_dataset
+    data = make_dataset(tmp_path / "square", sizes=((64, 64),))
+    common = {"max_epochs": 2, "crop_jitter": 0.0, "flip_p": 0.5}
+
+    def run(name, **overrides):
+        logdir = tmp_path / name
+        assert run_train(base_args(tiny_sd_folder, data, logdir, **common, **overrides)) == 0
+        return logdir, next(only_run(logdir).glob("*.log")).read_text()
+
+    uncached, _ = run("uncached")
+    cache_dir = tmp_path / "latents"
+    cached, first_log = run("cached", cache_latents=True, latent_cache_dir=str(cache_dir))
+    assert losses(cached) == pytest.approx(losses(uncached), rel=1e-6, abs=1e-7)
+    assert "0 cached, 16 encoded" in first_log        # 8 images, flipped and not
+    _, second_log = run("again", cache_latents=True, latent_cache_dir=str(cache_dir))
+    assert "16 cached, 0 encoded" in second_log
+
+
+def test_benchmark_reports_speed_flops_and_memory(tmp_path):
+    from utils.benchmark import run
+    result = run(["--arch", "tiny-sd", "--resolution", "64", "--batch_size", "2", "--steps", "2", "--warmup", "2",
+                  "--workdir", str(tmp_path), "--cache_latents", "true", "--num_workers", "0",
+                  "--loss_trace", str(tmp_path / "loss.jsonl")])
+    assert result["images_per_s"] > 0 and result["timed_steps"] == 2
+    assert result["tflops"] >= 0 and "host_rss_growth_mib" in result
+    assert len((tmp_path / "loss.jsonl").read_text().splitlines()) == 2      # log steps 2 and 4
