@@ -250,6 +250,13 @@ class Trainer:
         if cfg.crop_jitter or any(item.crop_jitter for item in self.scan.items):
             log.info("cache_latents: images train with their centre crop; crop_jitter is not applied")
         self.accelerator.wait_for_everyone()
+        if self.accelerator.num_processes > 1:
+            # what other processes encoded is here unless the cache is on another machine's disk: encode the rest
+            report = ensure_latents(self.scan.items, needed_entries(self.scan.items, self.resolutions), self.sd.vae,
+                                    cache_dir, progress=False)
+            if report.encoded:
+                log.warning(f"latent cache: {report.encoded} entries were missing here (latent_cache_dir is not "
+                            f"shared between machines?) and were encoded by this process too")
         return report.index
 
     def _build_optimizers(self) -> None:
@@ -314,7 +321,9 @@ class Trainer:
                  f"{self.total_steps}  effective batch: {cfg.batch_size} x {n} GPU(s) x {cfg.grad_accum} accum "
                  f"= {cfg.batch_size * n * cfg.grad_accum}")
         log.info(f"device: {self.device}  precision: {precision}  attention: {cfg.attn_type}  "
-                 f"gradient checkpointing: {cfg.gradient_checkpointing}")
+                 f"gradient checkpointing: {cfg.gradient_checkpointing}  latents: "
+                 f"{'cached' if cfg.cache_latents else 'VAE each step'}  torch.compile: "
+                 f"{cfg.compile_mode if cfg.torch_compile else 'off'}  channels_last: {cfg.channels_last}")
         for line in describe(self.parts).splitlines():
             log.info(line)
 
@@ -569,8 +578,8 @@ class Trainer:
                 hidden = self._encode_captions(batch["captions"])
                 loss, _ = compute_loss(self.unet, self.noise_scheduler, latents, hidden, self.generator,
                                        self.loss_settings, loss_scale=batch["loss_scale"], pixel_weight=pixel_weight)
-            # Backward outside autocast (it reuses the forward's dtypes anyway): leaving the region drops autocast's
-            # cache of low-precision weight copies, which with gradient checkpointing is recomputed per block.
+            # Backward outside autocast (it reuses the forward's dtypes anyway), as torch recommends: leaving the
+            # region frees autocast's cache of low-precision weight copies before the backward pass.
             # Micro-batches of one optimizer step are averaged, so grad_accum does not change the step size.
             self.scaler.scale(loss / group_size if weight == 1.0 else loss * weight).backward()
         return loss.detach()
@@ -735,8 +744,8 @@ class Trainer:
         """Validation losses with fixed noise and timesteps. Every process computes them (same numbers, no
         collective); the main one logs."""
         vcfg, step = self.vcfg, self.state.global_step
-        unet = self.accelerator.unwrap_model(self.unet)
-        te = self.accelerator.unwrap_model(self.text_encoder)
+        unet = self.sd.unet  # the plain module: DDP and torch.compile only wrap it for the step
+        te = self.sd.text_encoder
         settings = validation_loss_settings(self.loss_settings)
         was_training = unet.training, te.training
         values = {}
@@ -782,8 +791,8 @@ class Trainer:
         cfg, sd, step = self.cfg, self.sd, self.state.global_step
         scfg = self.sample_source.current
         requests = plan_samples(scfg, [it.caption for it in self.scan.items], step=step)
-        unet = self.accelerator.unwrap_model(self.unet)
-        te = self.accelerator.unwrap_model(self.text_encoder)
+        unet = self.sd.unet  # the plain module: DDP and torch.compile only wrap it for the step
+        te = self.sd.text_encoder
         was_training = unet.training, te.training
         unet.eval(), te.eval()
         try:
@@ -811,8 +820,8 @@ class Trainer:
             return None
         name = checkpoint_name(cfg.project_name, st.epoch, st.global_step, prefix)
         final = self.run_dir / "ckpts" / name
-        unet = self.accelerator.unwrap_model(self.unet)
-        te = self.accelerator.unwrap_model(self.text_encoder)
+        unet = self.sd.unet  # the plain module: DDP and torch.compile only wrap it for the step
+        te = self.sd.text_encoder
 
         def write(tmp: Path) -> None:
             self._write_model_folder(tmp, unet, te)

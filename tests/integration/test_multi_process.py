@@ -252,3 +252,18 @@ def test_sigterm_to_one_process_stops_all_with_one_interrupted_checkpoint(tiny_s
     state = load_trainer_state(only_run(logdir) / "ckpts" / names[0])
     assert 0 < state["train_state"]["global_step"] < 400 and f"gs{state['train_state']['global_step']:05d}" in names[0]
     assert "exitcode  : 143" in out  # the main process's code: stopped by SIGTERM (not killed, not an error)
+
+
+def test_cached_latents_on_two_processes_equal_one_process(tiny_sd_folder, data6, work):
+    """Each process encodes its share of the latent cache, all read the whole of it after a barrier: the run
+    equals one process with the same cache and grad_accum 2."""
+    cache = work / "latents"
+    one, two = work / "cached_one", work / "cached_two"
+    assert run_train(base_args(tiny_sd_folder, data6, one, grad_accum=2, cache_latents=True,
+                               latent_cache_dir=str(work / "latents_one"))) == 0
+    proc = launch(work / "cwd_cached", base_args(tiny_sd_folder, data6, two, cache_latents=True,
+                                                 latent_cache_dir=str(cache)))
+    assert proc.returncode == 0, output(proc)[-4000:]
+    assert len(list(cache.rglob("*.safetensors"))) == len(list((work / "latents_one").rglob("*.safetensors"))) == 6
+    a, b = (only_run(d) / "ckpts" / "last-t-ep02-gs00004" for d in (one, two))
+    assert max_diff(a, b) <= 1e-5

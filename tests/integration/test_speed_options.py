@@ -79,3 +79,21 @@ def test_benchmark_reports_speed_flops_and_memory(tmp_path):
     assert result["images_per_s"] > 0 and result["timed_steps"] == 2
     assert result["tflops"] >= 0 and "host_rss_growth_mib" in result
     assert len((tmp_path / "loss.jsonl").read_text().splitlines()) == 2      # log steps 2 and 4
+
+
+def test_compile_wraps_only_the_step_modules(tiny_sd_folder, dataset, tmp_path, monkeypatch):
+    """Sampling, validation and saving use the plain modules: they must neither recompile for their own shapes nor
+    (with DDP) strip the DDP wrapper out of the compiled step module, as accelerate's unwrap_model would."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    from utils.config import load_config
+    from utils.trainer import Trainer
+    cfg, _ = load_config(base_args(tiny_sd_folder, dataset, tmp_path / "logs", torch_compile=True))
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        assert isinstance(trainer.unet, torch._dynamo.eval_frame.OptimizedModule)
+        assert isinstance(trainer.text_encoder, torch._dynamo.eval_frame.OptimizedModule)
+        assert not isinstance(trainer.sd.unet, torch._dynamo.eval_frame.OptimizedModule)
+        assert trainer.unet._orig_mod is trainer.sd.unet
+    finally:
+        trainer.cleanup()
