@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -56,7 +57,6 @@ def run(argv: list[str] | None = None) -> dict:
                     "(default: from the device name, see utils/flops.py)")
     args, passthrough = ap.parse_known_args(argv)
 
-    import os
     # as the trainer does, but here before the first CUDA call (the memory cap below)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
@@ -81,7 +81,7 @@ def run(argv: list[str] | None = None) -> dict:
                 str(args.batch_size), "--max_steps", str(total_steps), "--max_epochs", "1000",
                 "--log_step", str(log_every), "--sample_steps", "1000000", "--cond_dropout", "0",
                 "--no_save_ckpt", "--ckpt_every_n_minutes", "100000", "--latent_cache_dir", str(work / "latents"),
-                *passthrough]
+                *(["--num_workers", str(args.num_workers)] if args.num_workers is not None else []), *passthrough]
     cfg, _ = load_config(argv_cfg)
     trainer = Trainer(cfg)
     cuda = torch.cuda.is_available()
@@ -136,7 +136,6 @@ def run(argv: list[str] | None = None) -> dict:
 def _host_rss() -> int:
     """Resident memory of this process in bytes (Linux; 0 elsewhere)."""
     try:
-        import os
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):
@@ -213,7 +212,6 @@ def loss_agreement(reference: list[dict], candidate: list[dict], steps: int, tol
 
 def _time_data_pipeline(data: Path, args) -> dict:
     """Images/s of scan -> batch plans -> BatchDataset -> DataLoader, the path the trainer uses, no model."""
-    import os
     import torch
     from data.dataset import BatchDataset, DataSettings, epoch_batches, scan_dataset
     scan = scan_dataset(data, DataSettings(resolution=[args.resolution]))
