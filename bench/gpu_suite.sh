@@ -78,13 +78,13 @@ case "$suite" in
     run ours_sd21_768_b6_fast_cap22 python3 -m utils.benchmark --arch sd21 --resolution 768 --workdir /tmp/b21 --images 240 --steps 20 --warmup 5 --optimizer_config null --batch_size 6 $FAST --max_vram_gb 22
     run ours_b16_cudagraphs_cap22 $B --batch_size 16 $FAST --compile_mode reduce-overhead --max_vram_gb 22
     run ours_b20_fast_cap22 $B --batch_size 20 $FAST --max_vram_gb 22
+    run ours_b4_ckpt_fast_cap10.5 $B --batch_size 4 $FAST --gradient_checkpointing true --max_vram_gb 10.5
     ;;
   learning)  # issue 8: learning unchanged (200 steps fp32 vs the fast settings, same data and seeds) and no memory
-             # growth over a long run at the 12 GB settings (batch 8, gradient checkpointing, compiled, capped 10.5 GiB)
+             # growth over a long run at the fast settings (LONG_STEPS, default 2000), capped at 22 GiB
     B="python3 -m utils.benchmark --arch sd15 --resolution 512 --workdir /tmp/b15 --images 480 --optimizer_config null --batch_size 8 --cache_latents true --lr 1e-5 --log_every 1"
-    run ours_b16_cached_cap22_eager python3 -m utils.benchmark --arch sd15 --workdir /tmp/b15 --images 480 --optimizer_config null --batch_size 16 --cache_latents true --steps 10 --warmup 3 --max_vram_gb 22
     run fp32_200_steps $B --steps 195 --warmup 5 --loss_trace "$OUT/loss_fp32.jsonl" --mixed_precision no
-    run fast12gb_${LONG_STEPS:-800}_steps $B --steps $((${LONG_STEPS:-800} - 5)) --warmup 5 --loss_trace "$OUT/loss_fast.jsonl" --torch_compile true --channels_last true --skip_nonfinite_steps false --gradient_checkpointing true --max_vram_gb 10.5
+    run fast_${LONG_STEPS:-2000}_steps $B --steps $((${LONG_STEPS:-2000} - 5)) --warmup 5 --loss_trace "$OUT/loss_fast.jsonl" --torch_compile true --channels_last true --skip_nonfinite_steps false --max_vram_gb 22
     run loss_fp32_vs_fast python3 -m utils.benchmark compare "$OUT/loss_fp32.jsonl" "$OUT/loss_fast.jsonl" 200
     ;;
   *) echo "unknown suite $suite"; exit 2 ;;
