@@ -80,10 +80,46 @@ case "$suite" in
     run ours_b20_fast_cap22 $B --batch_size 20 $FAST --max_vram_gb 22
     run ours_b4_ckpt_fast_cap10.5 $B --batch_size 4 $FAST --gradient_checkpointing true --max_vram_gb 10.5
     ;;
+  speed3)  # issue 8, part 3: the optimizer step inside the backward pass (fused_backward_pass) for the 12 GB card and
+           # larger batches at 22 GiB; bitsandbytes' Triton 8-bit kernel against its CUDA kernel
+    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --workdir /tmp/b15 --images 960 --steps 20 --warmup 5 --optimizer_config null"
+    FAST="--cache_latents true --torch_compile true --channels_last true --skip_nonfinite_steps false"
+    run kernel8bit timeout 120 python3 bench/kernel8bit_check.py --steps 10
+    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 20 --warmup 5
+    run ours_b6_cached_fused_cap10.5 $B --batch_size 6 --cache_latents true --skip_nonfinite_steps false --fused_backward_pass true --max_vram_gb 10.5
+    run ours_b8_fast_fused_cap10.5 $B --batch_size 8 $FAST --fused_backward_pass true --max_vram_gb 10.5
+    run ours_b24_fast_fused_cap22 $B --batch_size 24 $FAST --fused_backward_pass true --max_vram_gb 22
+    ;;
+  speed4)  # issue 8, part 4: bitsandbytes' Triton 8-bit kernel in the step; the 12 GB card with the step in the backward
+           # pass and gradient checkpointing; SD2.1 768-v; then a profile and the attention backends (rows in priority
+           # order: the command limit cuts the last ones first)
+    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --workdir /tmp/b15 --images 960 --steps 20 --warmup 5"
+    FAST="--cache_latents true --torch_compile true --channels_last true --skip_nonfinite_steps false"
+    echo '{"triton_8bit_step": true}' > /tmp/opt_triton.json
+    run ours_b16_fast_triton_cap22 $B --batch_size 16 $FAST --optimizer_config /tmp/opt_triton.json --max_vram_gb 22
+    run ours_b8_fast_ckpt_fused_triton_cap10.5 $B --batch_size 8 $FAST --gradient_checkpointing true --fused_backward_pass true --optimizer_config /tmp/opt_triton.json --max_vram_gb 10.5
+    run ours_sd21_768_b6_fast_triton_cap22 python3 -m utils.benchmark --arch sd21 --resolution 768 --workdir /tmp/b21 --images 240 --steps 15 --warmup 5 --batch_size 6 $FAST --optimizer_config /tmp/opt_triton.json --max_vram_gb 22
+    run attention_sdpa timeout 90 python3 bench/attention_check.py --model both
+    run profile_b16_fast_triton $B --batch_size 16 $FAST --optimizer_config /tmp/opt_triton.json --max_vram_gb 22 --steps 4 --profile 3
+    ;;
+  sd21_long)  # issue 8: SD2.1 768-v without compiling (eager, cached latents), then the long memory run without
+              # compiling (bf16, grouped 8-bit step, cached latents, batch 8, LONG_STEPS), compared with an earlier
+              # fp32 trace of the same data and seeds (FP32_TRACE)
+    S21="python3 -m utils.benchmark --arch sd21 --resolution 768 --workdir /tmp/b21 --images 240 --steps 15 --warmup 5 --optimizer_config null --cache_latents true --skip_nonfinite_steps false --max_vram_gb 22"
+    run ours_sd21_768_b4_cached_cap22 $S21 --batch_size 4
+    run ours_sd21_768_b6_cached_ckpt_cap22 $S21 --batch_size 6 --gradient_checkpointing true
+    cp "$FP32_TRACE" "$OUT/loss_fp32.jsonl"
+    run eager_${LONG_STEPS:-2000}_steps python3 -m utils.benchmark --arch sd15 --resolution 512 --workdir /tmp/b15 --images 480 --optimizer_config null --batch_size 8 --cache_latents true --lr 1e-5 --log_every 1 --steps $((${LONG_STEPS:-2000} - 5)) --warmup 5 --loss_trace "$OUT/loss_eager.jsonl" --skip_nonfinite_steps false --max_vram_gb 22
+    run loss_fp32_vs_eager python3 -m utils.benchmark compare "$OUT/loss_fp32.jsonl" "$OUT/loss_eager.jsonl" 200
+    ;;
   learning)  # issue 8: learning unchanged (200 steps fp32 vs the fast settings, same data and seeds) and no memory
              # growth over a long run at the fast settings (LONG_STEPS, default 2000), capped at 22 GiB
     B="python3 -m utils.benchmark --arch sd15 --resolution 512 --workdir /tmp/b15 --images 480 --optimizer_config null --batch_size 8 --cache_latents true --lr 1e-5 --log_every 1"
-    run fp32_200_steps $B --steps 195 --warmup 5 --loss_trace "$OUT/loss_fp32.jsonl" --mixed_precision no
+    if [ -n "${FP32_TRACE:-}" ]; then   # an earlier run's fp32 trace (same data, seeds and settings)
+      cp "$FP32_TRACE" "$OUT/loss_fp32.jsonl"
+    else
+      run fp32_200_steps $B --steps 195 --warmup 5 --loss_trace "$OUT/loss_fp32.jsonl" --mixed_precision no
+    fi
     run fast_${LONG_STEPS:-2000}_steps $B --steps $((${LONG_STEPS:-2000} - 5)) --warmup 5 --loss_trace "$OUT/loss_fast.jsonl" --torch_compile true --channels_last true --skip_nonfinite_steps false --max_vram_gb 22
     run loss_fp32_vs_fast python3 -m utils.benchmark compare "$OUT/loss_fp32.jsonl" "$OUT/loss_fast.jsonl" 200
     ;;

@@ -67,18 +67,24 @@ def _adamw(params, s: PartSettings, device_type: str):
                              fused=True if device_type == "cuda" else None)
 
 
-def _adamw8bit(params, s: PartSettings, device_type: str, grouped_8bit_step: bool = True):
+def _adamw8bit(params, s: PartSettings, device_type: str, grouped_8bit_step: bool = True,
+               triton_8bit_step: bool = False):
     _package("bitsandbytes", "adamw8bit")
     from optimizer import grouped8bit  # imports bitsandbytes
-    cls = grouped8bit.GroupedAdamW8bit if grouped_8bit_step else grouped8bit.AdamW8bit
-    return cls(params, lr=s.lr, betas=_betas(s), eps=s.epsilon, weight_decay=s.weight_decay)
+    if not grouped_8bit_step:
+        if triton_8bit_step:
+            raise ConfigError("optimizer.json: triton_8bit_step true needs grouped_8bit_step true")
+        return grouped8bit.AdamW8bit(params, lr=s.lr, betas=_betas(s), eps=s.epsilon, weight_decay=s.weight_decay)
+    return grouped8bit.GroupedAdamW8bit(params, lr=s.lr, betas=_betas(s), eps=s.epsilon, weight_decay=s.weight_decay,
+                                        triton=triton_8bit_step)
 
 
 def _lion(params, s: PartSettings, device_type: str):
     return _package("lion_pytorch", "lion").Lion(params, lr=s.lr, betas=_betas(s), weight_decay=s.weight_decay)
 
 
-def _lion8bit(params, s: PartSettings, device_type: str, grouped_8bit_step: bool = True):
+def _lion8bit(params, s: PartSettings, device_type: str, grouped_8bit_step: bool = True,
+              triton_8bit_step: bool = False):  # Lion keeps the CUDA kernel (see triton_8bit_step's doc)
     _package("bitsandbytes", "lion8bit")
     from optimizer import grouped8bit
     cls = grouped8bit.GroupedLion8bit if grouped_8bit_step else grouped8bit.Lion8bit
@@ -169,9 +175,11 @@ def resolve_for_run(name: str, s: PartSettings, *, total_steps: int, lr_scale: f
 
 def build_part(name: str, settings: PartSettings, params: list[torch.nn.Parameter], *, total_steps: int,
                lr_scale: float, device_type: str, warn: Warn, total_params: int = 0,
-               freeze_plan: FreezePlan | None = None, grouped_8bit_step: bool = True) -> OptimizerPart:
+               freeze_plan: FreezePlan | None = None, grouped_8bit_step: bool = True,
+               triton_8bit_step: bool = False) -> OptimizerPart:
     resolved = resolve_for_run(name, settings, total_steps=total_steps, lr_scale=lr_scale, warn=warn)
-    extra = {"grouped_8bit_step": grouped_8bit_step} if resolved.optimizer in GROUPED_8BIT_OPTIMIZERS else {}
+    extra = ({"grouped_8bit_step": grouped_8bit_step, "triton_8bit_step": triton_8bit_step}
+             if resolved.optimizer in GROUPED_8BIT_OPTIMIZERS else {})
     optimizer = OPTIMIZER_BUILDERS[resolved.optimizer](params, resolved, device_type, **extra)
     return OptimizerPart(name=name, optimizer=optimizer, scheduler=make_scheduler(optimizer, resolved),
                          params=params, settings=resolved, total_params=total_params, lr_scale=lr_scale,
@@ -183,6 +191,32 @@ def _lr_scale_for(name: str, s: PartSettings, scale: float, warn: Warn) -> float
         warn(f"{name}: scale_lr is not applied to {s.optimizer}: its lr multiplies the step size it estimates")
         return 1.0
     return scale
+
+
+def fused_backward_problems(opt_cfg: OptimizerConfig, *, train_unet: bool, train_te: bool, grad_accum: int,
+                            clip_grad_norm: float | None, fp16: bool, processes: int) -> list[str]:
+    """Why train.json's fused_backward_pass cannot run with these settings (empty: it can). Each chunk of the
+    grouped 8-bit step is applied as the backward pass completes its gradients, so nothing may need all the
+    gradients at once (clipping, an fp16 GradScaler's overflow check, DDP's all-reduce) or several backward
+    passes (grad_accum)."""
+    problems = []
+    for name, s, trained in (("base", opt_cfg.unet, train_unet),
+                             ("text_encoder_overrides", opt_cfg.text_encoder, train_te)):
+        if trained and s.optimizer not in GROUPED_8BIT_OPTIMIZERS:
+            problems.append(f"optimizer.json {name}: optimizer {s.optimizer!r}: use adamw8bit or lion8bit")
+    if not opt_cfg.grouped_8bit_step:
+        problems.append("optimizer.json grouped_8bit_step is false: set it to true")
+    if grad_accum != 1:
+        problems.append(f"grad_accum is {grad_accum}: set it to 1 (use a larger batch_size)")
+    if clip_grad_norm:
+        problems.append(f"clip_grad_norm is {clip_grad_norm}: set it to null")
+    if fp16:
+        problems.append("fp16 needs a GradScaler, which checks all gradients before any step: use mixed_precision "
+                        "bf16 (on a GPU without bf16, fused_backward_pass false)")
+    if processes > 1:
+        problems.append(f"{processes} processes: DDP averages the gradients after the backward pass; "
+                        f"fused_backward_pass runs on one GPU")
+    return problems
 
 
 def build_optimizer_parts(opt_cfg: OptimizerConfig, *, unet: torch.nn.Module | None,
@@ -206,7 +240,8 @@ def build_optimizer_parts(opt_cfg: OptimizerConfig, *, unet: torch.nn.Module | N
         parts.append(build_part("unet", opt_cfg.unet, params, total_steps=total_steps,
                                 lr_scale=_lr_scale_for("unet", opt_cfg.unet, scale, warn), device_type=device_type,
                                 warn=warn, total_params=sum(p.numel() for p in params),
-                                grouped_8bit_step=opt_cfg.grouped_8bit_step))
+                                grouped_8bit_step=opt_cfg.grouped_8bit_step,
+                                triton_8bit_step=opt_cfg.triton_8bit_step))
     if text_encoder is not None:
         params, plan = apply_text_encoder_freezing(text_encoder, opt_cfg.text_encoder_freezing, warn)
         total = sum(p.numel() for p in text_encoder.parameters())
@@ -214,7 +249,8 @@ def build_optimizer_parts(opt_cfg: OptimizerConfig, *, unet: torch.nn.Module | N
             parts.append(build_part("text_encoder", opt_cfg.text_encoder, params, total_steps=total_steps,
                                     lr_scale=_lr_scale_for("text_encoder", opt_cfg.text_encoder, scale, warn),
                                     device_type=device_type, warn=warn, total_params=total, freeze_plan=plan,
-                                    grouped_8bit_step=opt_cfg.grouped_8bit_step))
+                                    grouped_8bit_step=opt_cfg.grouped_8bit_step,
+                                    triton_8bit_step=opt_cfg.triton_8bit_step))
         else:
             warn("text_encoder_freezing freezes every text-encoder parameter: the text encoder is not trained")
     if not parts:

@@ -276,3 +276,138 @@ def test_grouped_8bit_step_is_strictly_typed(tmp_path):
     with pytest.raises(ConfigError, match="grouped_8bit_step"):
         load_optimizer_config(str(path))
     assert load_optimizer_config(None).grouped_8bit_step is True
+
+
+def backward_model():
+    """make_model's tensors used in one forward pass, so a backward pass accumulates every gradient."""
+    torch.manual_seed(0)
+    model = make_model()
+    lin1, norm, conv, lin2, emb, lin3, lin4 = model
+
+    def loss_fn(step):
+        g = torch.Generator().manual_seed(500 + step)
+        x = torch.randn(4, 300, generator=g)
+        h = lin2(norm(lin1(x)))                                        # 4 x 50
+        h = h + emb(torch.tensor([step % 201, 7, 9, 200]))[:, :50]
+        h = lin4(lin3(torch.cat([h, h[:, :14]], 1)))                   # 4 x 4097
+        c = conv(torch.randn(2, 16, 5, 5, generator=g)).mean()
+        return h.square().mean() + c * c
+    return model, loss_fn
+
+
+@pytest.mark.parametrize("kind", ["adam", "lion"])
+def test_stepping_in_backward_equals_stepping_after(kind):
+    """step_in_backward (fused_backward_pass): the same weights and state as step() after backward, bit for bit;
+    every gradient is freed by the end of the backward pass; the gradient norm is the one clip_grad_norm_ sees."""
+    ref_model, ref_loss = backward_model()
+    model, loss_fn = backward_model()
+    ref_opt, opt = grouped(kind, list(ref_model.parameters())), grouped(kind, list(model.parameters()))
+    ref_sched, sched = scheduler(ref_opt), scheduler(opt)
+    opt.step_in_backward()
+    for step in range(4):
+        ref_loss(step).backward()
+        expected_norm = torch.nn.utils.clip_grad_norm_(list(ref_model.parameters()), float("inf"))
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        ref_sched.step()
+        opt.record_grad_norm = step % 2 == 0
+        loss_fn(step).backward()
+        assert all(p.grad is None for p in model.parameters()), "a gradient outlived the backward pass"
+        opt.step()
+        sched.step()
+        norm = opt.take_grad_norm()
+        if step % 2 == 0:
+            torch.testing.assert_close(norm, expected_norm, rtol=1e-5, atol=0)
+        else:
+            assert norm is None
+    assert_same_params(ref_model, model)
+    assert_same_grouped_state(ref_opt, opt)
+
+
+def assert_same_grouped_state(a, b):
+    sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for index in sa:
+        for key, value in sa[index].items():
+            assert (torch.equal(value, sb[index][key]) if isinstance(value, torch.Tensor)
+                    else value == sb[index][key]), (index, key)
+
+
+def test_backward_steps_with_an_unused_parameter():
+    """A chunk with a parameter that gets no gradient is stepped by step() after the backward pass, as step()
+    alone would step it."""
+    ref_model, ref_loss = backward_model()
+    model, loss_fn = backward_model()
+    for m in (ref_model, model):
+        m[1].bias.requires_grad_(False)     # never gets a gradient; its chunk never completes in backward
+    ref_opt = grouped("adam", [p for p in ref_model.parameters()])
+    opt = grouped("adam", [p for p in model.parameters()])
+    opt.step_in_backward()
+    for step in range(3):
+        ref_loss(step).backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        loss_fn(step).backward()
+        assert any(p.grad is not None for p in model.parameters())   # the incomplete chunk waits for step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert_same_params(ref_model, model)
+    assert_same_grouped_state(ref_opt, opt)
+
+
+def test_triton_kernel_is_called_with_the_cuda_kernels_arguments(monkeypatch):
+    """triton_8bit_step: bitsandbytes' Triton kernel takes the CUDA kernel's arguments; here a stand-in that calls
+    the CPU kernel checks the routing (the Triton kernel itself is compared on the GPU: bench/kernel8bit_check.py)."""
+    import bitsandbytes.functional as F
+    from optimizer import grouped8bit
+    calls = []
+
+    def stand_in(*args, **kwargs):
+        calls.append(args[0])
+        return F.optimizer_update_8bit_blockwise(*args, **kwargs)
+    monkeypatch.setattr(grouped8bit, "triton_adam8bit_kernel", lambda device: stand_in)
+    a, b = make_model(), make_model()
+    oa, ob = grouped("adam", a.parameters()), GroupedAdamW8bit(b.parameters(), **HYPER["adam"], chunk_elements=CHUNK,
+                                                               direct_elements=DIRECT, triton=True)
+    run(a, oa, scheduler(oa), 3)
+    run(b, ob, scheduler(ob), 3)
+    assert_same_params(a, b)
+    assert calls and set(calls) == {"adam"}
+
+
+def test_triton_kernel_needs_cuda_and_adam():
+    model = make_model()
+    opt = GroupedAdamW8bit(model.parameters(), **HYPER["adam"], triton=True)
+    set_grads(model, 0)
+    with pytest.raises(ConfigError, match="triton_8bit_step true needs a CUDA GPU"):
+        opt.step()
+    with pytest.raises(ValueError, match="AdamW only"):
+        Grouped8bit(model.parameters(), kind="lion", triton=True)
+
+
+def test_triton_8bit_step_settings(tmp_path):
+    f = tmp_path / "optimizer.json"
+    f.write_text(json.dumps({"base": {"optimizer": "lion8bit"}, "triton_8bit_step": True}))
+    warnings = []
+    assert load_optimizer_config(str(f), warn=warnings.append).triton_8bit_step
+    assert any("triton_8bit_step is used by adamw8bit only" in w for w in warnings)
+    f.write_text(json.dumps({"grouped_8bit_step": False, "triton_8bit_step": True}))
+    with pytest.raises(ConfigError, match="triton_8bit_step true needs grouped_8bit_step true"):
+        build_optimizer_parts(load_optimizer_config(str(f)), unet=make_model(), text_encoder=None, total_steps=10,
+                              batch_size=1, grad_accum=1, device_type="cpu")
+
+
+def test_fused_backward_problems_name_each_fix(tmp_path):
+    from optimizer.build import fused_backward_problems
+    ok = load_optimizer_config(None)
+    assert fused_backward_problems(ok, train_unet=True, train_te=True, grad_accum=1, clip_grad_norm=None, fp16=False,
+                                   processes=1) == []
+    f = tmp_path / "optimizer.json"
+    f.write_text(json.dumps({"text_encoder_overrides": {"optimizer": "adamw"}}))
+    te_adamw = load_optimizer_config(str(f))
+    problems = fused_backward_problems(te_adamw, train_unet=True, train_te=True, grad_accum=1, clip_grad_norm=None,
+                                       fp16=True, processes=2)
+    assert [p.split(":")[0] for p in problems] == ["optimizer.json text_encoder_overrides", "fp16 needs a GradScaler, "
+                                                   "which checks all gradients before any step", "2 processes"]
+    assert fused_backward_problems(te_adamw, train_unet=True, train_te=False, grad_accum=1, clip_grad_norm=None,
+                                   fp16=False, processes=1) == []   # a frozen text encoder's optimizer is unused

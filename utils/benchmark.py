@@ -9,13 +9,25 @@ image (counted from the model configs) with the achieved TFLOP/s and model FLOP 
 compile time, and how much GPU and host memory grew from the end of the warm-up to the last step. Any other
 train.json key can be passed through as --key value (e.g. --mixed_precision fp16 --cache_latents true).
 --log_every N logs the loss every N steps (metrics.jsonl of the run; --loss_trace FILE copies it as JSON lines).
+
+--profile N runs torch.profiler over the N optimizer steps right after the warm-up and prints, before the JSON
+line (always the last line printed), the device time per step by kernel category (attention, conv, gemm, norm,
+optimizer, ...; see kernel_category) and the 15 kernels with the most device time (ms and calls per step); the
+JSON gets "profile": {category: ms per step}. The time is each kernel's own (self) time, so nothing counts twice.
+Without CUDA it reports the ops' CPU self time instead. The profiler slows the steps it records, and they lie
+inside the timed window (images/s still covers all timed steps): take speed figures from a run without
+--profile. While profiling, the log step becomes gcd(log step, warmup, N), so that the profiled window starts
+and ends on a log step (with --loss_trace, the trace then has more rows). Keep N small (3-5): an SD step
+launches thousands of kernels, and the profiler's trace and its summary grow with them.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -34,6 +46,19 @@ def write_synthetic_images(folder: Path, count: int, size: tuple[int, int]) -> N
         small = rng.integers(0, 255, (h // 32, w // 32, 3), dtype=np.uint8)
         img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
         img.save(folder / f"synthetic image {i}_{i}.jpg", quality=90)
+
+
+def synthetic_data_folder(work: Path, count: int, size: tuple[int, int]) -> Path:
+    """The synthetic images of one count and size in a --workdir, written once (to a temporary folder, then
+    renamed, so an interrupted write is never reused). A folder per count and size: a run with --images 480 must
+    not train on the 960 images an earlier run left in the same workdir (its losses would not be comparable)."""
+    data = work / f"data-{count}-{size[0]}x{size[1]}"
+    if not data.exists():
+        tmp = data.with_name(data.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_synthetic_images(tmp, count, size)
+        tmp.rename(data)
+    return data
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -55,6 +80,8 @@ def run(argv: list[str] | None = None) -> dict:
     ap.add_argument("--loss_trace", default=None, help="write the logged losses here as JSON lines")
     ap.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU "
                     "(default: from the device name, see utils/flops.py)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile N steps after the warm-up: device time by kernel category, top kernels")
     args, passthrough = ap.parse_known_args(argv)
 
     # as the trainer does, but here before the first CUDA call (the memory cap below)
@@ -68,11 +95,12 @@ def run(argv: list[str] | None = None) -> dict:
     from utils.trainer import Trainer
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sdbench-"))
-    data = work / "data"
     n_images = args.images or args.batch_size * (args.steps + args.warmup)
     log_every = args.log_every or args.warmup
-    if not data.exists():
-        write_synthetic_images(data, n_images, tuple(args.image_size or (args.resolution, args.resolution)))
+    if args.profile:  # the profiled window must start and end on a log step (the hook)
+        args.profile = min(args.profile, args.steps)
+        log_every = math.gcd(log_every, args.warmup, args.profile)
+    data = synthetic_data_folder(work, n_images, tuple(args.image_size or (args.resolution, args.resolution)))
     if args.data_only:
         return _time_data_pipeline(data, args)
     total_steps = args.warmup + args.steps
@@ -85,6 +113,7 @@ def run(argv: list[str] | None = None) -> dict:
     cfg, _ = load_config(argv_cfg)
     trainer = Trainer(cfg)
     cuda = torch.cuda.is_available()
+    prof = {}  # --profile: the profiler ("p") and the log steps where it started and stopped
     try:
         t_setup = time.perf_counter()
         trainer.setup()
@@ -99,16 +128,30 @@ def run(argv: list[str] | None = None) -> dict:
                             _host_rss())
             if step == args.warmup and cuda:
                 torch.cuda.reset_peak_memory_stats()
+            if args.profile and "start" not in prof and step >= args.warmup:
+                activities = [torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+                prof["p"] = torch.profiler.profile(activities=activities, record_shapes=False)
+                prof["p"].start()
+                prof["start"] = step
+            elif "start" in prof and "stop" not in prof and step >= prof["start"] + args.profile:
+                prof["p"].stop()  # the GPU was synchronized above: every kernel of these steps has run
+                prof["stop"] = step
 
         trainer.log_hook = on_log
         code = trainer.train(final_outputs=False)
     except torch.OutOfMemoryError:  # in setup; the loop catches its own and returns 1
         trainer.out_of_memory, code = True, 1
     finally:
+        if "start" in prof and "stop" not in prof:  # the run ended early
+            prof["p"].stop()
+            prof["stop"] = max(timings, default=prof["start"])
         trainer.cleanup()
     if code != 0:
         result = {"arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size,
                   "oom": trainer.out_of_memory, "rc": code, "options": " ".join(passthrough)}
+        if cuda:  # how far it got: the peak before the failed allocation (since the warm-up, if reached)
+            result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         print(json.dumps(result), flush=True)
         return result
     # time from the log step that ends the warm-up to the last one
@@ -127,10 +170,87 @@ def run(argv: list[str] | None = None) -> dict:
     result.update(_memory_growth(memory, marks))
     if args.loss_trace:
         _write_loss_trace(trainer.run_dir / "metrics.jsonl", Path(args.loss_trace))
+    if prof.get("stop", 0) > prof.get("start", 0):
+        steps = prof["stop"] - prof["start"]
+        by_category, top = summarize_profile(_profile_rows(prof["p"], cuda), steps)
+        _print_profile(by_category, top, steps, "GPU" if cuda else "CPU")
+        result["profile"] = by_category
     print(json.dumps(result), flush=True)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+# --profile: kernel categories, checked in this order (the first match wins). Attention first: flash and cuDNN
+# attention kernels may contain "gemm" or "fprop"; the optimizer before "norm" (clip_grad_norm's LpNorm kernels
+# belong to the optimizer step); inductor's fused kernels (triton_*) before conv/norm/copy, since inductor names
+# them after every op fused in (triton_poi_fused_convolution_0 is the bias add after a conv); conv before gemm
+# (cuDNN's implicit-GEMM convolutions); "norm" but not "normal" (randn's kernel).
+KERNEL_CATEGORIES = [
+    ("attention", r"flash|fmha|mha|sdpa|attention|attn"),
+    ("optimizer", r"optimizer|bitsandbytes|adam|lion|lpnorm"),
+    ("triton", r"^triton_"),
+    ("conv", r"conv(?!er)|xmma_fprop|fprop_implicit|dgrad|wgrad|implicit_gemm"),
+    ("gemm", r"gemm|gemv|cutlass|cublas|matmul|nvjet|^aten::(mm|addmm|bmm|baddbmm|linear)$"),
+    ("norm", r"norm(?!al)|rowwisemoments|gammabeta|fusedparams|internalgradients|gradoutputcoef"),
+    ("copy/cast", r"copy|memcpy|memset|(?<!broad)cast|nchwtonhwc|nhwctonchw"),
+    ("elementwise", r"elementwise|vectorized|reduce"),
+]
+_KERNEL_PATTERNS = [(name, re.compile(pattern)) for name, pattern in KERNEL_CATEGORIES]
+
+
+def kernel_category(name: str) -> str:
+    """The category of a CUDA kernel (or, without CUDA, an op) by its name; "other" when nothing matches."""
+    lower = name.lower()
+    return next((cat for cat, pattern in _KERNEL_PATTERNS if pattern.search(lower)), "other")
+
+
+def summarize_profile(rows: list[tuple[str, float, int]], steps: int, top: int = 15) -> tuple[dict, list]:
+    """rows: (kernel name, self device time in us, calls) over `steps` steps. Returns ({category: ms per step},
+    largest first, rounded to 0.01) and the `top` kernels by time as (name[:90], ms per step, calls per step,
+    category)."""
+    totals: dict[str, float] = {}
+    for name, us, _ in rows:
+        totals[kernel_category(name)] = totals.get(kernel_category(name), 0.0) + us
+    by_category = {cat: round(us / steps / 1e3, 2) for cat, us in sorted(totals.items(), key=lambda kv: -kv[1])}
+    ranked = sorted(rows, key=lambda r: -r[1])[:top]
+    return by_category, [(name[:90], round(us / steps / 1e3, 3), round(calls / steps, 2), kernel_category(name))
+                         for name, us, calls in ranked]
+
+
+def _profile_rows(prof, cuda: bool) -> list[tuple[str, float, int]]:
+    """(name, self time in us, calls) of the kernels (device events with device self time) or, without CUDA, of
+    the CPU ops. A CPU op's own "self device time" is the time of the kernels it launched: leaving the CPU events
+    out counts each kernel once."""
+    from torch.autograd import DeviceType
+
+    def first(event, *names):
+        return next((getattr(event, n) for n in names if hasattr(event, n)), 0)
+    rows = []
+    for e in prof.key_averages():
+        on_device = e.device_type != DeviceType.CPU
+        if cuda and on_device:
+            us = first(e, "self_device_time_total", "self_cuda_time_total")
+        elif not cuda and not on_device:
+            us = e.self_cpu_time_total
+        else:
+            continue
+        if us > 0:
+            rows.append((e.key, us, e.count))
+    return rows
+
+
+def _print_profile(by_category: dict, top: list, steps: int, device: str) -> None:
+    total = sum(by_category.values()) or 1.0
+    print(f"profile: {device} self time per step by category, over {steps} steps")
+    for cat, ms in by_category.items():
+        print(f"  {cat:<12} {ms:10.2f} ms  {100 * ms / total:5.1f}%")
+    print(f"  {'total':<12} {sum(by_category.values()):10.2f} ms")
+    print(f"top {len(top)} kernels by {device} self time:")
+    print(f"  {'ms/step':>9} {'calls/step':>10}  {'category':<11} name")
+    for name, ms, calls, cat in top:
+        print(f"  {ms:9.3f} {calls:10.2f}  {cat:<11} {name}")
+    sys.stdout.flush()
 
 
 def _host_rss() -> int:

@@ -22,8 +22,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from data.dataset import (BatchDataset, DataSettings, epoch_batches, scan_dataset, summarize, write_dataset_report,
                           write_schedule)
 from data.latent_cache import ensure_latents, needed_entries
-from optimizer.build import (build_optimizer_parts, current_lr, describe, eval_weights, grad_scaler_tweak,
-                             set_train_mode)
+from optimizer.build import (build_optimizer_parts, current_lr, describe, eval_weights, fused_backward_problems,
+                             grad_scaler_tweak, set_train_mode)
 from optimizer.config import load_optimizer_config, optimizer_config_to_json
 from utils.checkpoint import (TrainState, capture_rng, checkpoint_name, find_last, load_trainer_state,
                               prune_checkpoints, restore_rng, save_checkpoint_folder, save_trainer_state,
@@ -121,11 +121,20 @@ class Trainer:
                                   "scaled-dot-product attention, as fast) or pip install xformers") from None
             if self.device.type != "cuda":
                 raise ConfigError("attn_type 'xformers' needs a CUDA GPU; use 'sdp'")
+        if cfg.fused_backward_pass:  # before any model loads: the combinations it cannot run with
+            problems = fused_backward_problems(
+                load_optimizer_config(cfg.optimizer_config, lr_override=cfg.lr, warn=lambda _: None),
+                train_unet=not cfg.disable_unet_training, train_te=not cfg.disable_textenc_training,
+                grad_accum=cfg.grad_accum, clip_grad_norm=cfg.clip_grad_norm, fp16=self.amp_dtype == torch.float16,
+                processes=self.accelerator.num_processes)
+            if problems:
+                raise ConfigError("fused_backward_pass true cannot run here:\n  - " + "\n  - ".join(problems))
         self.stop_requested: str | None = None
         self._signals_seen = 0
         self._stop_signal, self._save_agreed, self._images_synced = None, False, 0  # N processes: _agree_at_step
         self.nonfinite_run = 0
         self.out_of_memory = False
+        self.backward_skipped = False  # fused_backward_pass: this step's loss was not finite, no backward ran
         self.compile_seconds: float | None = None  # torch_compile: wall time of the first step, compiling included
         self.log_hook = None  # benchmark timing: called with the step number at each logging step
 
@@ -276,6 +285,9 @@ class Trainer:
             text_encoder=self.sd.text_encoder if self.train_te else None, total_steps=self.total_steps,
             batch_size=cfg.batch_size * self.accelerator.num_processes, grad_accum=cfg.grad_accum,
             scale_lr=cfg.scale_lr, device_type=self.device.type)
+        if cfg.fused_backward_pass:
+            for part in self.parts:
+                part.optimizer.step_in_backward()
         if self.is_main:
             write_json_atomic(self.run_dir / "optimizer.json", optimizer_config_to_json(self.opt_cfg))
 
@@ -578,6 +590,13 @@ class Trainer:
                 hidden = self._encode_captions(batch["captions"])
                 loss, _ = compute_loss(self.unet, self.noise_scheduler, latents, hidden, self.generator,
                                        self.loss_settings, loss_scale=batch["loss_scale"], pixel_weight=pixel_weight)
+            if cfg.fused_backward_pass:  # the backward pass steps the weights: decide before it
+                self.backward_skipped = cfg.skip_nonfinite_steps and not bool(torch.isfinite(loss))
+                if self.backward_skipped:
+                    return loss.detach()     # no backward; _optimizer_step counts the skipped step
+                log_now = due(self.state.global_step + 1, cfg.log_step) and self.opt_cfg.log_grad_norm
+                for part in self.parts:
+                    part.optimizer.record_grad_norm = log_now
             # Backward outside autocast (it reuses the forward's dtypes anyway), as torch recommends: leaving the
             # region frees autocast's cache of low-precision weight copies before the backward pass.
             # Micro-batches of one optimizer step are averaged, so grad_accum does not change the step size.
@@ -597,10 +616,12 @@ class Trainer:
         """Unscale, clip, step every part, update the scaler once. Returns grad norms as device tensors.
 
         A step whose loss or gradients are not finite changes no weight: fp16's GradScaler skips it by itself
-        (it syncs with the host each step anyway); in bf16/fp32 the loss is checked here, one host sync a step."""
+        (it syncs with the host each step anyway); in bf16/fp32 the loss is checked here, one host sync a step
+        (with fused_backward_pass before the backward pass, which steps the weights)."""
         if self.scaler.is_enabled():
             scale_before = self.scaler.get_scale()
-        elif self.cfg.skip_nonfinite_steps and not torch.isfinite(step_loss):
+        elif self.cfg.skip_nonfinite_steps and (self.backward_skipped if self.cfg.fused_backward_pass
+                                                else not torch.isfinite(step_loss)):
             for part in self.parts:
                 part.optimizer.zero_grad(set_to_none=True)
                 part.scheduler.step()
@@ -615,6 +636,8 @@ class Trainer:
                 norms[part.name] = torch.nn.utils.clip_grad_norm_(part.params, max_norm)
         for part in self.parts:
             self.scaler.step(part.optimizer)
+            if self.cfg.fused_backward_pass and (norm := part.optimizer.take_grad_norm()) is not None:
+                norms[part.name] = norm  # measured as the backward pass stepped and freed the gradients
         self.scaler.update()
         self._count_nonfinite(self.scaler.is_enabled() and self.scaler.get_scale() < scale_before)
         if self.scaler.is_enabled() and self.opt_cfg.apply_grad_scaler_step_tweaks:

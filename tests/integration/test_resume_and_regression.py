@@ -23,6 +23,7 @@ def final_ckpt(logdir: Path) -> Path:
     {},                                                         # plain, stop mid-epoch
     {"grad_accum": 2, "flip_p": 0.5, "cond_dropout": 0.3, "zero_frequency_noise_ratio": 0.05},
     {"ema_decay_rate": 0.9, "ema_update_interval": 1, "lr": 3e-3},      # EMA state resumes too
+    {"fused_backward_pass": True},              # the 8-bit state loads into an optimizer that steps in backward
 ])
 def test_resume_mid_epoch_equals_straight_run(tiny_sd_folder, dataset, tmp_path, extra):
     straight = tmp_path / "straight"

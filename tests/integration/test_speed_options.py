@@ -39,6 +39,41 @@ def test_torch_compile_trains_like_eager_and_saves_plain_keys(plain_run, monkeyp
     assert max((weights[k] - reference[k]).abs().max().item() for k in weights) < 1e-4
 
 
+def grad_norms(logdir):
+    return {(row["step"], k): row[k] for row in read_metrics(only_run(logdir)) for k in row if k.endswith("grad_norm")}
+
+
+def test_fused_backward_pass_trains_exactly_like_stepping_after_backward(plain_run):
+    """The optimizer stepped chunk by chunk inside the backward pass: the same losses, gradient norms and weights
+    as the step after the backward pass (adamw8bit, the grouped step; fp32 on the CPU)."""
+    after = plain_run("after", log_step=2)
+    fused = plain_run("fused", log_step=2, fused_backward_pass=True)
+    assert losses(fused) == losses(after)
+    assert grad_norms(fused) and grad_norms(fused) == pytest.approx(grad_norms(after), rel=1e-5)
+    weights, reference = checkpoint_weights(last_checkpoint(fused)), checkpoint_weights(last_checkpoint(after))
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+
+
+def test_fused_backward_pass_with_torch_compile(plain_run, monkeypatch):
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    after = plain_run("after")
+    fused = plain_run("fused", fused_backward_pass=True, torch_compile=True)
+    assert losses(fused) == pytest.approx(losses(after), rel=1e-4)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"grad_accum": 2}, "grad_accum is 2: set it to 1"),
+    ({"clip_grad_norm": 1.0}, "clip_grad_norm is 1.0: set it to null"),
+])
+def test_fused_backward_pass_refuses_what_needs_all_gradients(tiny_sd_folder, dataset, tmp_path, capsys, overrides,
+                                                             expected):
+    args = base_args(tiny_sd_folder, dataset, tmp_path / "logs", fused_backward_pass=True, **overrides)
+    assert run_train(args) == 2
+    err = capsys.readouterr().err
+    assert "fused_backward_pass" in err and expected in err and "Traceback" not in err
+    assert not (tmp_path / "logs").exists()    # refused before the run folder and before any model loads
+
+
 def test_channels_last_trains_like_default(plain_run):
     default, nhwc = plain_run("default"), plain_run("nhwc", channels_last=True)
     assert losses(nhwc) == pytest.approx(losses(default), rel=1e-5)

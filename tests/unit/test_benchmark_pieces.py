@@ -61,3 +61,81 @@ def test_sd15_training_flops_match_the_reference_count():
     flops = training_flops_per_image(unet, CLIPTextConfig(**clip), None, width=512, height=512,
                                      train_text_encoder=True)
     assert flops / 1e12 == pytest.approx(2.45, rel=0.01)
+
+
+@pytest.mark.parametrize("name, category", [
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, "
+     "cutlass::bfloat16_t>, false, false, false, false, true, true, false, false>(flash::Flash_fwd_params)",
+     "attention"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k128_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<...>)", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0", "attention"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "conv"),
+    ("sm90_xmma_wgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x256x64_warpgroupsize1x1x1",
+     "conv"),
+    ("sm80_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw_tilesize64x64x64_stage5", "conv"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true, "
+     "(cudnnKernelDataType_t)0>(...)", "copy/cast"),
+    ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", "gemm"),
+    ("ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_stages_32x6_tn", "gemm"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off",
+     "gemm"),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_tn_align8>(...)", "gemm"),
+    ("void kOptimizerStatic8bit2StateBlockwise<float, 2, 256, 1>(float*, float*, unsigned char*, ...)", "optimizer"),
+    ("void kOptimizer32bit2State<float, 5, 0>(float*, float*, float*, float*, float*, ...)", "optimizer"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+     "TensorListMetadata<1>, at::native::(anonymous namespace)::LpNormFunctor<float, 2>, float*, int>", "optimizer"),
+    ("triton_poi_fused_add_mul_0", "triton"),
+    ("triton_red_fused_native_group_norm_1", "triton"),
+    ("triton_poi_fused_convolution_3", "triton"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::copy_kernel_cuda("
+     "at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda(float)#1}>", "copy/cast"),
+    ("Memcpy HtoD (Pageable -> Device)", "copy/cast"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>(long, float, float const*, ...)",
+     "norm"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>(...)", "norm"),
+    ("void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernel<float>(...)", "norm"),
+    ("void at::native::(anonymous namespace)::distribution_elementwise_grid_stride_kernel<float, 4, "
+     "at::native::templates::cuda::normal_and_transform<float, float, ...>", "elementwise"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<c10::BFloat16, c10::BFloat16, "
+     "c10::BFloat16, at::native::binary_internal::MulFunctor<float> >, std::array<char*, 3ul> >", "elementwise"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MeanOps<float, float>>>",
+     "elementwise"),
+    ("ncclDevKernel_Broadcast_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "other"),
+    # the CPU ops of a run without CUDA
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("aten::convolution_backward", "conv"),
+    ("aten::addmm", "gemm"),
+    ("aten::native_group_norm", "norm"),
+    ("aten::copy_", "copy/cast"),
+    ("Optimizer.step#AdamW.step", "optimizer"),
+    ("aten::mul", "other"),
+])
+def test_kernel_category(name, category):
+    from utils.benchmark import kernel_category
+    assert kernel_category(name) == category
+
+
+def test_summarize_profile_per_step_and_largest_first():
+    from utils.benchmark import summarize_profile
+    rows = [("void pytorch_flash::flash_bwd_dq_dk_dv_loop_kernel<...>", 6000.0, 32),
+            ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", 10000.0, 64),
+            ("ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_stages_32x6_tn", 2000.0, 8),
+            ("triton_poi_fused_add_mul_0" + "_x" * 60, 1000.0, 2),
+            ("some_unknown_kernel", 4.0, 2)]
+    by_category, top = summarize_profile(rows, steps=2, top=3)
+    assert by_category == {"gemm": 6.0, "attention": 3.0, "triton": 0.5, "other": 0.0}
+    assert list(by_category) == ["gemm", "attention", "triton", "other"]
+    assert [t[0] for t in top] == [rows[1][0], rows[0][0], rows[2][0]]
+    assert top[0] == ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", 5.0, 32.0, "gemm")
+    _, top = summarize_profile(rows, steps=2)
+    assert len(top) == 5 and len(top[3][0]) == 90 and top[3][1:] == (0.5, 1.0, "triton")
+
+
+def test_synthetic_data_folder_per_count_and_size(tmp_path):
+    from utils.benchmark import synthetic_data_folder
+    a = synthetic_data_folder(tmp_path, 3, (64, 64))
+    b = synthetic_data_folder(tmp_path, 5, (64, 64))
+    assert a != b and len(list(a.iterdir())) == 3 and len(list(b.iterdir())) == 5
+    stamp = a.stat().st_mtime_ns
+    assert synthetic_data_folder(tmp_path, 3, (64, 64)) == a and a.stat().st_mtime_ns == stamp   # reused
+    assert not list(tmp_path.glob("*.partial"))

@@ -1,0 +1,139 @@
+"""Which SDPA backend for the UNet's attention: forward + backward time of every attention call of one UNet step.
+
+SD1.5's UNet has 8 heads (its attention_head_dim=8 is the head count), so its head dims are 40, 80 and 160 at
+320, 640 and 1280 channels; flash attention pads 40 to 64 and 80 to 128, so the fastest backend is not obvious.
+SD2.1 uses head dim 64 everywhere (channels / 64 heads). For each model this times
+torch.nn.functional.scaled_dot_product_attention in bf16, forward and backward, for the self- and
+cross-attention shapes of one training step (SD1.5: 512 px, batch 16; SD2.1: 768 px, batch 6), with each backend
+forced through torch.nn.attention.sdpa_kernel and with the default choice, weights each shape by how often one
+UNet forward runs it, and prints the total per backend. Layout as diffusers' AttnProcessor2_0 calls it:
+(batch, seq, heads, head_dim) tensors seen as (batch, heads, seq, head_dim) through transpose(1, 2).
+
+    python bench/attention_check.py [--model sd15|sd21|both]
+    python bench/attention_check.py --cpu-smoke      # tiny shapes on the CPU, math backend and default only
+
+The last line printed is JSON: {model: {backend: ms of all attention calls of one UNet forward + backward, or
+null where the backend refused a shape}}.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+TEXT_TOKENS = 77
+MODELS = {  # latent side (pixels / 8), batch, head dim from the channels
+    "sd15": {"latent": 64, "batch": 16, "head_dim": lambda channels: channels // 8},
+    "sd21": {"latent": 96, "batch": 6, "head_dim": lambda channels: 64},
+}
+# (channels, downsampling, transformer blocks per UNet forward): 2 down + 3 up blocks at each level, 1 mid block.
+# Each transformer block has one self-attention and one cross-attention (keys and values: the 77 text tokens).
+LEVELS = [(320, 1, 5), (640, 2, 5), (1280, 4, 5), (1280, 8, 1)]
+
+
+def attention_shapes(model: str, smoke: bool = False) -> list[tuple[str, tuple[int, int, int, int, int], int]]:
+    """(label, (batch, heads, query length, key length, head dim), calls per UNet forward)."""
+    m = MODELS[model]
+    shapes = []
+    for channels, down, blocks in LEVELS:
+        head_dim = m["head_dim"](channels)
+        seq, batch = (m["latent"] // down) ** 2, m["batch"]
+        if smoke:
+            seq, batch = max(1, seq // 256), 1
+        heads = channels // head_dim
+        for kind, keys in (("self", seq), ("cross", TEXT_TOKENS)):
+            shapes.append((f"{kind:<5} q{seq:<5} kv{keys:<5} {heads:>2}x{head_dim:<3}",
+                           (batch, heads, seq, keys, head_dim), blocks))
+    return shapes
+
+
+def fwd_bwd(shape, device, dtype):
+    batch, heads, q_len, kv_len, head_dim = shape
+    q, k, v = (torch.randn(batch, n, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+               for n in (q_len, kv_len, kv_len))
+    grad = torch.randn(batch, q_len, heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+
+    def step():
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        torch.autograd.grad(out, (q, k, v), grad)
+    return step
+
+
+def time_ms(step, warmup: int, iters: int, cuda: bool) -> float:
+    for _ in range(warmup):
+        step()
+    if not cuda:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        return (time.perf_counter() - t0) * 1e3 / iters
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def check_model(model: str, backends: dict, smoke: bool) -> dict:
+    """Prints the per-call table and returns {backend: total ms per UNet forward + backward, or None}."""
+    device, cuda = ("cpu", False) if smoke else ("cuda", True)
+    warmup, iters = (1, 2) if smoke else (3, 10)
+    shapes = attention_shapes(model, smoke)
+    totals, refused = dict.fromkeys(backends, 0.0), []
+    print(f"\n{model}: ms per call (forward + backward), bf16, batch {shapes[0][1][0]}")
+    print(f"  {'shape (heads x head dim)':<34} {'calls':>5} " + " ".join(f"{b:>10}" for b in backends))
+    for label, shape, calls in shapes:
+        cells = []
+        for name, backend in backends.items():
+            try:
+                with warnings.catch_warnings():  # a refused backend warns why, then raises
+                    warnings.simplefilter("ignore")
+                    with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                        ms = time_ms(fwd_bwd(shape, device, torch.bfloat16), warmup, iters, cuda)
+                cells.append(f"{ms:10.3f}")
+                if totals[name] is not None:
+                    totals[name] += calls * ms
+            except Exception as e:  # noqa: BLE001 - a backend that refuses the shape (or runs out of memory)
+                cells.append(f"{'unsupported':>10}")
+                totals[name] = None
+                refused.append(f"  {name}, {label.strip()}: {type(e).__name__}: {str(e).strip().splitlines()[0][:120]}"
+                               if str(e).strip() else f"  {name}, {label.strip()}: {type(e).__name__}")
+        print(f"  {label:<34} {calls:>5} " + " ".join(cells))
+    print(f"  {'total per UNet forward + backward':<39} " +
+          " ".join(f"{t:10.2f}" if t is not None else f"{'-':>10}" for t in totals.values()))
+    for line in refused:
+        print(line)
+    return {name: None if t is None else round(t, 3) for name, t in totals.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["sd15", "sd21", "both"], default="both")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (math backend and default)")
+    args = ap.parse_args(argv)
+    if args.cpu_smoke:
+        backends = {"math": SDPBackend.MATH, "default": None}
+    elif not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU (or --cpu-smoke)")
+    else:
+        backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                    "cudnn": SDPBackend.CUDNN_ATTENTION, "default": None}
+        print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
+    models = ["sd15", "sd21"] if args.model == "both" else [args.model]
+    result = {model: check_model(model, backends, args.cpu_smoke) for model in models}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

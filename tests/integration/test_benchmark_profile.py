@@ -1,0 +1,15 @@
+"""python -m utils.benchmark --profile N on the tiny model (CPU: the ops' self time stands in for device time)."""
+
+
+def test_benchmark_profile_reports_time_by_category(tmp_path, capsys):
+    from utils.benchmark import run
+    result = run(["--arch", "tiny-sd", "--resolution", "64", "--batch_size", "2", "--steps", "3", "--warmup", "1",
+                  "--profile", "2", "--workdir", str(tmp_path), "--num_workers", "0"])
+    assert result["images_per_s"] > 0 and result["timed_steps"] == 3
+    profile = result["profile"]
+    assert profile and all(isinstance(v, float) and v >= 0 for v in profile.values())
+    assert list(profile.values()) == sorted(profile.values(), reverse=True)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "profile: CPU self time per step by category, over 2 steps" in lines
+    assert any(line.startswith("top ") for line in lines)
+    assert lines[-1].startswith("{") and '"profile"' in lines[-1]
