@@ -129,6 +129,9 @@ class TrainConfig:
                                      "shape compile (a minute or more; logged); afterwards steps are faster.")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = doc(
         "default", "torch.compile mode; reduce-overhead adds CUDA graphs (more memory).")
+    compile_blocks: bool = doc(False, "With torch_compile: compile each UNet down, mid and up block on its own "
+                                      "instead of the whole UNet (smaller graphs; with fused_backward_pass the "
+                                      "gradients are freed block by block). Sampling runs the blocks uncompiled.")
     channels_last: bool = doc(False, "Keep the UNet's weights and activations in channels-last memory format.")
     # --- logging, samples, saving ---
     project_name: str = doc("myproj", "Names the run folder logs/<project_name>-<timestamp> and checkpoints.")
@@ -271,6 +274,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"resolution must be a multiple of 64 (or a non-empty list of them), got {cfg.resolution}")
     if cfg.timestep_start >= cfg.timestep_end:
         problems.append(f"timestep_start ({cfg.timestep_start}) must be below timestep_end ({cfg.timestep_end})")
+    if cfg.compile_blocks and not cfg.torch_compile:
+        problems.append("compile_blocks true needs torch_compile true")
     return problems
 
 

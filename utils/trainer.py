@@ -332,10 +332,11 @@ class Trainer:
         log.info(f"images: {len(self.scan.items)}  steps/epoch: {self.steps_per_epoch}  total steps: "
                  f"{self.total_steps}  effective batch: {cfg.batch_size} x {n} GPU(s) x {cfg.grad_accum} accum "
                  f"= {cfg.batch_size * n * cfg.grad_accum}")
+        compiled = cfg.compile_mode + (" (each UNet block)" if cfg.compile_blocks else "")
         log.info(f"device: {self.device}  precision: {precision}  attention: {cfg.attn_type}  "
                  f"gradient checkpointing: {cfg.gradient_checkpointing}  latents: "
                  f"{'cached' if cfg.cache_latents else 'VAE each step'}  torch.compile: "
-                 f"{cfg.compile_mode if cfg.torch_compile else 'off'}  channels_last: {cfg.channels_last}")
+                 f"{compiled if cfg.torch_compile else 'off'}  channels_last: {cfg.channels_last}")
         for line in describe(self.parts).splitlines():
             log.info(line)
 
@@ -907,11 +908,20 @@ class Trainer:
 
     def _compile_models(self) -> None:
         """torch.compile wraps only the step's modules: sampling and saving use the plain ones (sd.unet), so a
-        sample at another size or batch compiles nothing. After a second input shape (another bucket, a short last
+        sample at another size or batch compiles nothing (compile_blocks: the blocks inside sd.unet, compiled only
+        while gradients are on). After a second input shape (another bucket, a short last
         batch) dynamo marks the changed sizes dynamic, so further buckets reuse that graph instead of recompiling."""
         mode = None if self.cfg.compile_mode == "default" else self.cfg.compile_mode
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.unet = torch.compile(self.unet, mode=mode)
+        if self.cfg.compile_blocks:
+            # each block is one graph: its backward hands over its own gradients as soon as it is done, so the
+            # fused step can free them block by block; sampling (no grad) keeps running the blocks as they were
+            unet = self.sd.unet
+            for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+                if block is not None:
+                    block.forward = compiled_when_grad_enabled(block.forward, mode)
+        else:
+            self.unet = torch.compile(self.unet, mode=mode)
         if self.train_te:
             self.text_encoder = torch.compile(self.text_encoder, mode=mode)
         log.info(f"torch.compile ({self.cfg.compile_mode}): the first steps compile; their time is logged")
@@ -991,6 +1001,17 @@ class Trainer:
         if getattr(self, "log_handler", None):
             log.removeHandler(self.log_handler)
             self.log_handler.close()
+
+
+def compiled_when_grad_enabled(forward, mode: str | None):
+    """forward compiled for training steps; with gradients off (sampling, validation) the original forward runs,
+    so inference shapes compile nothing."""
+    compiled = torch.compile(forward, mode=mode)
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        return (compiled if torch.is_grad_enabled() else forward)(*args, **kwargs)
+    return run
 
 
 def _workers_ignore_stop_signals(_worker_id: int) -> None:

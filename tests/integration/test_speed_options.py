@@ -74,6 +74,51 @@ def test_fused_backward_pass_refuses_what_needs_all_gradients(tiny_sd_folder, da
     assert not (tmp_path / "logs").exists()    # refused before the run folder and before any model loads
 
 
+def test_compile_blocks_trains_like_eager_and_hands_over_gradients_block_by_block(plain_run, monkeypatch):
+    """compile_blocks: each UNet block is its own graph (aot_eager here), so its backward hands over that block's
+    gradients as it ends, one block after the other (a compiled whole UNet hands over all of them at its end):
+    with fused_backward_pass each block's chunks are stepped and freed before the next block's backward runs.
+    Samples (no grad) run the blocks uncompiled."""
+    from diffusers import UNet2DConditionModel
+    from optimizer import grouped8bit
+    from utils import trainer as trainer_module
+    from utils.builtin_models import BUILTINS
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    calls_with_grad = []
+    original = trainer_module.compiled_when_grad_enabled
+
+    def counting(forward, mode):
+        run = original(forward, mode)
+
+        def wrapped(*args, **kwargs):
+            calls_with_grad.append(torch.is_grad_enabled())
+            return run(*args, **kwargs)
+        return wrapped
+    monkeypatch.setattr(trainer_module, "compiled_when_grad_enabled", counting)
+    arrivals = []   # (optimizer's tensor count, tensor index) in the order the backward pass accumulates them
+    real_ready = grouped8bit.Grouped8bit._gradient_ready
+
+    def ready(self, n, param):
+        params = self.param_groups[0]["params"]
+        arrivals.append((len(params), next(i for i, p in enumerate(params) if p is param)))
+        real_ready(self, n, param)
+    monkeypatch.setattr(grouped8bit.Grouped8bit, "_gradient_ready", ready)
+
+    eager = plain_run("eager")
+    blocks = plain_run("blocks", torch_compile=True, compile_blocks=True, fused_backward_pass=True, sample_steps=2)
+    assert losses(blocks) == pytest.approx(losses(eager), rel=1e-4)
+    assert True in calls_with_grad and False in calls_with_grad      # steps compiled, samples not
+    names = [n for n, _ in UNet2DConditionModel(**BUILTINS["tiny-sd"][0]).named_parameters()]
+    block = [".".join(n.split(".")[:2]) if n.startswith(("down_blocks", "up_blocks")) else n.split(".")[0]
+             for n in names]
+    first_step = [i for count, i in arrivals if count == len(names)][:len(names)]
+    order = [block[i] for i in first_step]
+    compiled = {b for b in block if b.startswith(("down_blocks", "up_blocks", "mid_block"))}
+    runs = [b for k, b in enumerate(order) if b in compiled and (k == 0 or order[k - 1] != b)]
+    assert sorted(runs) == sorted(compiled), order   # each block's gradients arrive together, not interleaved
+    assert runs.index("up_blocks.1") < runs.index("mid_block") < runs.index("down_blocks.0")   # backward order
+
+
 def test_channels_last_trains_like_default(plain_run):
     default, nhwc = plain_run("default"), plain_run("nhwc", channels_last=True)
     assert losses(nhwc) == pytest.approx(losses(default), rel=1e-5)

@@ -87,6 +87,8 @@ def test_cross_field_checks():
         load_config([])
     with pytest.raises(ConfigError, match="multiple of 64"):
         load_config(["--resume_ckpt", "m", "--resolution", "500"])
+    with pytest.raises(ConfigError, match="compile_blocks true needs torch_compile true"):
+        load_config(["--resume_ckpt", "m", "--compile_blocks", "true"])
 
 
 def test_seed_minus_one_is_resolved():
