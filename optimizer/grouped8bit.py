@@ -120,7 +120,7 @@ class Grouped8bit(torch.optim.Optimizer):
         self._chunks: list[_Chunk] | None = None            # built at the first step
         self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}   # (device, dtype) -> (grad, param)
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._arrived: list[int] | None = None   # step_in_backward: gradients accumulated per chunk this step
+        self._arrived: list[set] | None = None   # step_in_backward: per chunk, its tensors with a gradient
         self.record_grad_norm = False            # sum the squared gradient norms of the chunks stepped
         self._grad_sq: torch.Tensor | None = None
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
@@ -215,7 +215,7 @@ class Grouped8bit(torch.optim.Optimizer):
         for c in self._chunks:
             self._step_chunk(c)
         if self._arrived is not None:
-            self._arrived = [0] * len(self._chunks)
+            self._arrived = [set() for _ in self._chunks]
         return loss
 
     def _step_chunk(self, c: _Chunk) -> None:
@@ -275,17 +275,22 @@ class Grouped8bit(torch.optim.Optimizer):
         if self._chunks is None:
             self._build()
         params = self.param_groups[0]["params"]
-        self._arrived = [0] * len(self._chunks)
+        self._arrived = [set() for _ in self._chunks]
         for n, c in enumerate(self._chunks):
             for i in c.indices:
                 if params[i].requires_grad:
-                    params[i].register_post_accumulate_grad_hook(functools.partial(self._gradient_ready, n))
+                    params[i].register_post_accumulate_grad_hook(functools.partial(self._gradient_ready, n, i))
 
     @torch.no_grad()
-    def _gradient_ready(self, n: int, _param: torch.Tensor) -> None:
-        self._arrived[n] += 1
+    def _gradient_ready(self, n: int, index: int, _param: torch.Tensor) -> None:
         c = self._chunks[n]
-        if self._arrived[n] == len(c.indices):   # a chunk with a frozen parameter waits for step()
+        if len(self._arrived[n]) == len(c.indices):
+            # a second gradient for a tensor whose chunk is already stepped (re-entrant checkpointing of a weight
+            # used in two places): stepping again would apply that weight's update twice
+            raise RuntimeError(f"fused_backward_pass: parameter {index} got a second gradient in one backward pass "
+                               f"after its optimizer step; this model needs fused_backward_pass false")
+        self._arrived[n].add(index)   # a set: a repeated gradient before the chunk is complete counts once
+        if len(self._arrived[n]) == len(c.indices):   # a chunk with a frozen parameter waits for step()
             self._step_chunk(c)
             params = self.param_groups[0]["params"]
             for i in c.indices:

@@ -411,3 +411,16 @@ def test_fused_backward_problems_name_each_fix(tmp_path):
                                                    "which checks all gradients before any step", "2 processes"]
     assert fused_backward_problems(te_adamw, train_unet=True, train_te=False, grad_accum=1, clip_grad_norm=None,
                                    fp16=False, processes=1) == []   # a frozen text encoder's optimizer is unused
+
+
+def test_backward_steps_refuse_a_second_gradient_after_the_step():
+    """A weight that gets a gradient again after its chunk was stepped would be updated twice: a clear error."""
+    model = torch.nn.Linear(4, 4, bias=False)
+    opt = grouped("adam", list(model.parameters()))
+    opt.step_in_backward()
+    x = torch.randn(2, 4)
+    a = model(x).sum()
+    b = model(x).square().sum()
+    a.backward()                      # the chunk completes and is stepped
+    with pytest.raises(RuntimeError, match="second gradient in one backward pass"):
+        b.backward()                  # no step() in between: the same step's second gradient

@@ -98,10 +98,9 @@ def test_compile_blocks_trains_like_eager_and_hands_over_gradients_block_by_bloc
     arrivals = []   # (optimizer's tensor count, tensor index) in the order the backward pass accumulates them
     real_ready = grouped8bit.Grouped8bit._gradient_ready
 
-    def ready(self, n, param):
-        params = self.param_groups[0]["params"]
-        arrivals.append((len(params), next(i for i, p in enumerate(params) if p is param)))
-        real_ready(self, n, param)
+    def ready(self, n, index, param):
+        arrivals.append((len(self.param_groups[0]["params"]), index))
+        real_ready(self, n, index, param)
     monkeypatch.setattr(grouped8bit.Grouped8bit, "_gradient_ready", ready)
 
     eager = plain_run("eager")
