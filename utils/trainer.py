@@ -121,10 +121,15 @@ class Trainer:
                                   "scaled-dot-product attention, as fast) or pip install xformers") from None
             if self.device.type != "cuda":
                 raise ConfigError("attn_type 'xformers' needs a CUDA GPU; use 'sdp'")
-        if cfg.fused_backward_pass:  # before any model loads: the combinations it cannot run with
+        # optimizer.json is read here, so its mistakes, and combinations that cannot run, stop the run before any
+        # model loads
+        self.opt_cfg = load_optimizer_config(cfg.optimizer_config, lr_override=cfg.lr)
+        if self.opt_cfg.triton_8bit_step and self.device.type != "cuda":
+            raise ConfigError(f"optimizer.json triton_8bit_step true needs a CUDA GPU (this run is on "
+                              f"{self.device.type}); set it to false")
+        if cfg.fused_backward_pass:
             problems = fused_backward_problems(
-                load_optimizer_config(cfg.optimizer_config, lr_override=cfg.lr, warn=lambda _: None),
-                train_unet=not cfg.disable_unet_training, train_te=not cfg.disable_textenc_training,
+                self.opt_cfg, train_unet=not cfg.disable_unet_training, train_te=not cfg.disable_textenc_training,
                 grad_accum=cfg.grad_accum, clip_grad_norm=cfg.clip_grad_norm, fp16=self.amp_dtype == torch.float16,
                 processes=self.accelerator.num_processes)
             if problems:
@@ -270,7 +275,6 @@ class Trainer:
 
     def _build_optimizers(self) -> None:
         cfg = self.cfg
-        self.opt_cfg = load_optimizer_config(cfg.optimizer_config, lr_override=cfg.lr)
         # Fractional multipliers and multi-resolution make epochs differ by a few batches: then count them all.
         varies = len(self.resolutions) > 1 or any(it.multiply % 1 for it in self.scan.items)
         self.epoch_steps = [steps_per_epoch(len(self._epoch_plans(e, write=False)), cfg.grad_accum)

@@ -118,6 +118,16 @@ def test_compile_blocks_trains_like_eager_and_hands_over_gradients_block_by_bloc
     assert runs.index("up_blocks.1") < runs.index("mid_block") < runs.index("down_blocks.0")   # backward order
 
 
+def test_triton_8bit_step_without_a_gpu_stops_before_loading(tiny_sd_folder, dataset, tmp_path, capsys):
+    opt = tmp_path / "optimizer.json"
+    opt.write_text('{"triton_8bit_step": true}')
+    args = base_args(tiny_sd_folder, dataset, tmp_path / "logs", optimizer_config=str(opt))
+    assert run_train(args) == 2
+    err = capsys.readouterr().err
+    assert "triton_8bit_step true needs a CUDA GPU" in err and "Traceback" not in err
+    assert not (tmp_path / "logs").exists()
+
+
 def test_channels_last_trains_like_default(plain_run):
     default, nhwc = plain_run("default"), plain_run("nhwc", channels_last=True)
     assert losses(nhwc) == pytest.approx(losses(default), rel=1e-5)
