@@ -13,7 +13,8 @@ UNet forward runs it, and prints the total per backend. Layout as diffusers' Att
     python bench/attention_check.py --cpu-smoke      # tiny shapes on the CPU, math backend and default only
 
 The last line printed is JSON: {model: {backend: ms of all attention calls of one UNet forward + backward, or
-null where the backend refused a shape}}.
+null where the backend refused a shape; backend_error: the worst relative difference of its bf16 output and
+gradients from fp32 math over the shapes it ran (see max_error)}}.
 """
 from __future__ import annotations
 
@@ -66,6 +67,27 @@ def fwd_bwd(shape, device, dtype):
     return step
 
 
+def max_error(shape, device, backend) -> float:
+    """Worst relative difference (max |x - ref| / max |ref|) of the output and the q, k, v gradients of one bf16
+    call through `backend` from the same call in fp32 through the math backend, at batch 1 (the error does not
+    depend on the batch; the fp32 reference's attention matrix would be large at full batch)."""
+    _, heads, q_len, kv_len, head_dim = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, grad = (torch.randn(1, n, heads, head_dim, device=device, generator=gen)
+                     for n in (q_len, kv_len, kv_len, q_len))
+
+    def run(dtype, kernel):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+        with sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in leaves))
+        grads = torch.autograd.grad(out, leaves, grad.to(dtype).transpose(1, 2))
+        return [out.float(), *(g.float() for g in grads)]
+    ref = run(torch.float32, SDPBackend.MATH)
+    # a reference that is exactly zero (the key gradient when there is a single key) has no scale to compare to
+    return max(((x - r).abs().max() / r.abs().max()).item()
+               for x, r in zip(run(torch.bfloat16, backend), ref) if r.abs().max() > 1e-6)
+
+
 def time_ms(step, warmup: int, iters: int, cuda: bool) -> float:
     for _ in range(warmup):
         step()
@@ -89,7 +111,7 @@ def check_model(model: str, backends: dict, smoke: bool) -> dict:
     device, cuda = ("cpu", False) if smoke else ("cuda", True)
     warmup, iters = (1, 2) if smoke else (3, 10)
     shapes = attention_shapes(model, smoke)
-    totals, refused = dict.fromkeys(backends, 0.0), []
+    totals, errors, refused = dict.fromkeys(backends, 0.0), dict.fromkeys(backends, 0.0), []
     print(f"\n{model}: ms per call (forward + backward), bf16, batch {shapes[0][1][0]}")
     print(f"  {'shape (heads x head dim)':<34} {'calls':>5} " + " ".join(f"{b:>10}" for b in backends))
     for label, shape, calls in shapes:
@@ -100,7 +122,9 @@ def check_model(model: str, backends: dict, smoke: bool) -> dict:
                     warnings.simplefilter("ignore")
                     with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
                         ms = time_ms(fwd_bwd(shape, device, torch.bfloat16), warmup, iters, cuda)
+                    error = max_error(shape, device, backend)
                 cells.append(f"{ms:10.3f}")
+                errors[name] = max(errors[name], error)
                 if totals[name] is not None:
                     totals[name] += calls * ms
             except Exception as e:  # noqa: BLE001 - a backend that refuses the shape (or runs out of memory)
@@ -111,9 +135,11 @@ def check_model(model: str, backends: dict, smoke: bool) -> dict:
         print(f"  {label:<34} {calls:>5} " + " ".join(cells))
     print(f"  {'total per UNet forward + backward':<39} " +
           " ".join(f"{t:10.2f}" if t is not None else f"{'-':>10}" for t in totals.values()))
+    print(f"  {'worst relative error vs fp32 math':<39} " + " ".join(f"{e:10.2e}" for e in errors.values()))
     for line in refused:
         print(line)
-    return {name: None if t is None else round(t, 3) for name, t in totals.items()}
+    return {name: None if t is None else round(t, 3) for name, t in totals.items()} | {
+        f"{name}_error": float(f"{e:.3g}") for name, e in errors.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:

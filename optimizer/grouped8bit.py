@@ -121,6 +121,7 @@ class Grouped8bit(torch.optim.Optimizer):
         self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}   # (device, dtype) -> (grad, param)
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._arrived: list[set] | None = None   # step_in_backward: per chunk, its tensors with a gradient
+        self._stream = None                      # step_in_backward(overlap=True): the CUDA stream the chunks step on
         self.record_grad_norm = False            # sum the squared gradient norms of the chunks stepped
         self._grad_sq: torch.Tensor | None = None
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
@@ -210,6 +211,8 @@ class Grouped8bit(torch.optim.Optimizer):
                 loss = closure()
         if self._chunks is None:
             self._build()
+        if self._stream is not None:   # what follows (the next forward pass) reads the weights stepped there
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
         # with backward steps on, the chunks stepped during the backward pass have no gradient left: this steps
         # the rest (chunks with a parameter that got no gradient this step)
         for c in self._chunks:
@@ -263,18 +266,27 @@ class Grouped8bit(torch.optim.Optimizer):
 
     # --- stepping inside the backward pass (train.json fused_backward_pass) ---
 
-    def step_in_backward(self) -> None:
+    def step_in_backward(self, overlap: bool = False) -> None:
         """From now on, step each chunk as soon as the backward pass has accumulated the gradients of all its
         parameters, and free those gradients at once: the gradients of the whole model never exist together
         (a full fp32 copy of the model less). The result equals step() after the backward pass, because each
         chunk's update reads only its own gradients. The caller must call step() after each backward pass (it
         steps the chunks where some parameter got no gradient) and must not accumulate gradients over several
-        backward passes, clip them or unscale them (a GradScaler's fp16 scale would reach the update)."""
+        backward passes, clip them or unscale them (a GradScaler's fp16 scale would reach the update).
+
+        overlap (CUDA): the chunks step on a second stream, so their memory-bound updates run alongside the rest
+        of the backward pass instead of after it; step() makes the current stream wait for them. A chunk steps
+        once the backward pass has produced all its gradients, and by then it no longer reads those weights."""
         if self._arrived is not None:
             return
         if self._chunks is None:
             self._build()
         params = self.param_groups[0]["params"]
+        if overlap:
+            devices = {p.device for p in params}
+            if len(devices) != 1 or next(iter(devices)).type != "cuda":
+                raise ValueError(f"overlap needs all parameters on one CUDA device, got {sorted(map(str, devices))}")
+            self._stream = torch.cuda.Stream(next(iter(devices)))
         self._arrived = [set() for _ in self._chunks]
         for n, c in enumerate(self._chunks):
             for i in c.indices:
@@ -290,11 +302,19 @@ class Grouped8bit(torch.optim.Optimizer):
             raise RuntimeError(f"fused_backward_pass: parameter {index} got a second gradient in one backward pass "
                                f"after its optimizer step; this model needs fused_backward_pass false")
         self._arrived[n].add(index)   # a set: a repeated gradient before the chunk is complete counts once
-        if len(self._arrived[n]) == len(c.indices):   # a chunk with a frozen parameter waits for step()
+        if len(self._arrived[n]) != len(c.indices):   # a chunk with a frozen parameter waits for step()
+            return
+        params = self.param_groups[0]["params"]
+        if self._stream is None:
             self._step_chunk(c)
-            params = self.param_groups[0]["params"]
-            for i in c.indices:
-                params[i].grad = None
+        else:
+            self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))   # its gradients are ready
+            with torch.cuda.stream(self._stream):
+                self._step_chunk(c)
+            for i in c.indices:   # the allocator must not hand this memory to the backward pass before the step read it
+                params[i].grad.record_stream(self._stream)
+        for i in c.indices:
+            params[i].grad = None
 
     def take_grad_norm(self) -> torch.Tensor | None:
         """The L2 norm of the gradients stepped since the last call (with record_grad_norm on), as a device

@@ -10,15 +10,15 @@ compile time, and how much GPU and host memory grew from the end of the warm-up 
 train.json key can be passed through as --key value (e.g. --mixed_precision fp16 --cache_latents true).
 --log_every N logs the loss every N steps (metrics.jsonl of the run; --loss_trace FILE copies it as JSON lines).
 
---profile N runs torch.profiler over the N optimizer steps right after the warm-up and prints, before the JSON
+--profile N runs N more optimizer steps after the timed ones under torch.profiler and prints, before the JSON
 line (always the last line printed), the device time per step by kernel category (attention, conv, gemm, norm,
 optimizer, ...; see kernel_category) and the 15 kernels with the most device time (ms and calls per step); the
 JSON gets "profile": {category: ms per step}. The time is each kernel's own (self) time, so nothing counts twice.
-Without CUDA it reports the ops' CPU self time instead. The profiler slows the steps it records, and they lie
-inside the timed window (images/s still covers all timed steps): take speed figures from a run without
---profile. While profiling, the log step becomes gcd(log step, warmup, N), so that the profiled window starts
-and ends on a log step (with --loss_trace, the trace then has more rows). Keep N small (3-5): an SD step
-launches thousands of kernels, and the profiler's trace and its summary grow with them.
+Without CUDA it reports the ops' CPU self time instead. The profiled steps come after the timed window, so one
+run (one compile) gives both the speed and the profile. While profiling, the log step becomes gcd(log step,
+warmup, steps, N), so that both windows start and end on a log step (with --loss_trace, the trace then has more
+rows). Keep N small (3-5): an SD step launches thousands of kernels, and the profiler's trace and its summary
+grow with them.
 """
 from __future__ import annotations
 
@@ -97,13 +97,13 @@ def run(argv: list[str] | None = None) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sdbench-"))
     n_images = args.images or args.batch_size * (args.steps + args.warmup)
     log_every = args.log_every or args.warmup
-    if args.profile:  # the profiled window must start and end on a log step (the hook)
-        args.profile = min(args.profile, args.steps)
-        log_every = math.gcd(log_every, args.warmup, args.profile)
+    if args.profile:  # the timed and the profiled window must start and end on a log step (the hook)
+        log_every = math.gcd(log_every, args.warmup, args.steps, args.profile)
     data = synthetic_data_folder(work, n_images, tuple(args.image_size or (args.resolution, args.resolution)))
     if args.data_only:
         return _time_data_pipeline(data, args)
-    total_steps = args.warmup + args.steps
+    timed_end = args.warmup + args.steps
+    total_steps = timed_end + args.profile
     argv_cfg = ["--resume_ckpt", f"builtin:{args.arch}", "--data_root", str(data), "--logdir", str(work / "logs"),
                 "--project_name", "bench", "--resolution", str(args.resolution), "--batch_size",
                 str(args.batch_size), "--max_steps", str(total_steps), "--max_epochs", "1000",
@@ -120,7 +120,7 @@ def run(argv: list[str] | None = None) -> dict:
         setup_s = time.perf_counter() - t_setup
         timings, memory = {}, {}
 
-        def on_log(step: int) -> None:  # called at each log step; steps warmup..warmup+steps are timed
+        def on_log(step: int) -> None:  # called at each log step; steps warmup..warmup+steps are timed, then profiled
             if cuda:
                 torch.cuda.synchronize()
             timings[step] = time.perf_counter()
@@ -128,7 +128,7 @@ def run(argv: list[str] | None = None) -> dict:
                             _host_rss())
             if step == args.warmup and cuda:
                 torch.cuda.reset_peak_memory_stats()
-            if args.profile and "start" not in prof and step >= args.warmup:
+            if args.profile and "start" not in prof and step >= timed_end:
                 activities = [torch.profiler.ProfilerActivity.CPU] + (
                     [torch.profiler.ProfilerActivity.CUDA] if cuda else [])
                 prof["p"] = torch.profiler.profile(activities=activities, record_shapes=False)
@@ -154,8 +154,8 @@ def run(argv: list[str] | None = None) -> dict:
             result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         print(json.dumps(result), flush=True)
         return result
-    # time from the log step that ends the warm-up to the last one
-    marks = sorted(m for m in timings if m >= args.warmup)
+    # time from the log step that ends the warm-up to the one that ends the timed window
+    marks = sorted(m for m in timings if args.warmup <= m <= timed_end)
     t_steps = marks[-1] - marks[0]
     dt = (timings[marks[-1]] - timings[marks[0]]) / t_steps
     images_per_s = args.batch_size / dt
@@ -221,13 +221,16 @@ def summarize_profile(rows: list[tuple[str, float, int]], steps: int, top: int =
 def _profile_rows(prof, cuda: bool) -> list[tuple[str, float, int]]:
     """(name, self time in us, calls) of the kernels (device events with device self time) or, without CUDA, of
     the CPU ops. A CPU op's own "self device time" is the time of the kernels it launched: leaving the CPU events
-    out counts each kernel once."""
+    out counts each kernel once. So are user annotations (record_function ranges such as "Optimizer.step#...")
+    that the profiler also draws on the GPU timeline: their span covers kernels counted already."""
     from torch.autograd import DeviceType
 
     def first(event, *names):
         return next((getattr(event, n) for n in names if hasattr(event, n)), 0)
     rows = []
     for e in prof.key_averages():
+        if getattr(e, "is_user_annotation", False):
+            continue
         on_device = e.device_type != DeviceType.CPU
         if cuda and on_device:
             us = first(e, "self_device_time_total", "self_cuda_time_total")

@@ -110,8 +110,15 @@ class TrainConfig:
                                            "at once (adamw8bit/lion8bit with grouped_8bit_step; one GPU, "
                                            "grad_accum 1, no clip_grad_norm, bf16 or fp32): the gradients of the "
                                            "whole model never exist together, 3.7 GiB less for SD1.5.")
+    overlap_optimizer_step: bool = doc(False, "With fused_backward_pass on a CUDA GPU: the optimizer steps on a "
+                                              "second CUDA stream, alongside the rest of the backward pass "
+                                              "(same arithmetic, same result).")
     attn_type: Literal["sdp", "xformers", "slice"] = doc("sdp", "Attention kernel: torch SDPA, xformers, or "
                                                                 "sliced attention (least memory).")
+    sdp_backend: Literal["auto", "flash", "efficient", "cudnn"] = doc(
+        "auto", "With attn_type sdp on a CUDA GPU: the scaled-dot-product attention kernel tried first; the others "
+                "stay as fallbacks for shapes it refuses. auto: torch's own choice (on an H200 with torch 2.11 "
+                "that is already cuDNN, 1.6x faster than flash there; see doc/PERFORMANCE.md).")
     skip_nonfinite_steps: bool = doc(True, "In bf16/fp32, check each step's loss and skip steps whose loss is NaN/inf "
                                            "(one host sync a step; fp16's GradScaler always does this). False: "
                                            "no sync outside logging steps.")
@@ -132,6 +139,11 @@ class TrainConfig:
     compile_blocks: bool = doc(False, "With torch_compile: compile each UNet down, mid and up block on its own "
                                       "instead of the whole UNet (smaller graphs; with fused_backward_pass the "
                                       "gradients are freed block by block). Sampling runs the blocks uncompiled.")
+    compile_memory_budget: float = doc(1.0, "With torch_compile: the share of the activations the compiled "
+                                            "backward may keep. Below 1, torch's partitioner recomputes the "
+                                            "cheapest of the others in the backward pass (automatic selective "
+                                            "checkpointing: less memory, some extra compute). 1: keep all.",
+                                       minimum=0.0, maximum=1.0)
     channels_last: bool = doc(False, "Keep the UNet's weights and activations in channels-last memory format.")
     # --- logging, samples, saving ---
     project_name: str = doc("myproj", "Names the run folder logs/<project_name>-<timestamp> and checkpoints.")
@@ -276,6 +288,15 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"timestep_start ({cfg.timestep_start}) must be below timestep_end ({cfg.timestep_end})")
     if cfg.compile_blocks and not cfg.torch_compile:
         problems.append("compile_blocks true needs torch_compile true")
+    if cfg.overlap_optimizer_step and not cfg.fused_backward_pass:
+        problems.append("overlap_optimizer_step true needs fused_backward_pass true (the step it overlaps with the "
+                        "backward pass is the one fused_backward_pass moves into it)")
+    if cfg.compile_memory_budget < 1.0 and not cfg.torch_compile:
+        problems.append(f"compile_memory_budget {cfg.compile_memory_budget} needs torch_compile true (or set it "
+                        f"to 1.0; without compiling, gradient_checkpointing true saves activation memory)")
+    if cfg.sdp_backend != "auto" and cfg.attn_type != "sdp":
+        problems.append(f"sdp_backend '{cfg.sdp_backend}' applies to attn_type 'sdp' only (attn_type is "
+                        f"'{cfg.attn_type}'); set sdp_backend to 'auto' or attn_type to 'sdp'")
     return problems
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.dataset import (BatchDataset, DataSettings, epoch_batches, scan_dataset, summarize, write_dataset_report,
                           write_schedule)
@@ -127,6 +128,9 @@ class Trainer:
         if self.opt_cfg.triton_8bit_step and self.device.type != "cuda":
             raise ConfigError(f"optimizer.json triton_8bit_step true needs a CUDA GPU (this run is on "
                               f"{self.device.type}); set it to false")
+        if cfg.overlap_optimizer_step and self.device.type != "cuda":
+            raise ConfigError(f"overlap_optimizer_step true needs a CUDA GPU (this run is on {self.device.type}); "
+                              f"set it to false")
         if cfg.fused_backward_pass:
             problems = fused_backward_problems(
                 self.opt_cfg, train_unet=not cfg.disable_unet_training, train_te=not cfg.disable_textenc_training,
@@ -142,6 +146,7 @@ class Trainer:
         self.backward_skipped = False  # fused_backward_pass: this step's loss was not finite, no backward ran
         self.compile_seconds: float | None = None  # torch_compile: wall time of the first step, compiling included
         self.log_hook = None  # benchmark timing: called with the step number at each logging step
+        self.torch_settings = contextlib.ExitStack()  # process-wide kernel settings of this run, undone by cleanup
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -153,6 +158,7 @@ class Trainer:
             write_json_atomic(self.run_dir / "train.json", config_to_dict(cfg))
         log.info(f"run folder: {self.run_dir}")
 
+        self._enter_torch_settings()
         self.scan = self._scan_data()              # bad data fails here, before minutes go into loading models
         self._setup_validation()                   # held-out images leave self.scan.items before epochs are planned
         self._setup_samples()                      # a broken prompt file fails here too
@@ -180,6 +186,17 @@ class Trainer:
         self.metrics = MetricsSink(self.run_dir, enabled=self.is_main)
         self.metrics.text("config", "```\n" + json.dumps(config_to_dict(cfg), indent=2) + "\n```")
         self._print_summary()
+
+    def _enter_torch_settings(self) -> None:
+        """Global torch switches this run asks for. They are read when a kernel is picked (SDPA, at each call or
+        when compiling) and when a compiled graph's backward is partitioned (at its first step), so they hold for
+        the whole run; cleanup restores them (tests run many trainers in one process)."""
+        cfg = self.cfg
+        if cfg.attn_type == "sdp" and cfg.sdp_backend != "auto":
+            self.torch_settings.enter_context(sdpa_kernel(sdp_priority(cfg.sdp_backend), set_priority=True))
+        if cfg.torch_compile and cfg.compile_memory_budget < 1.0:
+            self.torch_settings.enter_context(
+                torch._functorch.config.patch(activation_memory_budget=cfg.compile_memory_budget))
 
     def _make_run_dir(self) -> Path:
         from accelerate.utils import broadcast_object_list
@@ -291,7 +308,7 @@ class Trainer:
             scale_lr=cfg.scale_lr, device_type=self.device.type)
         if cfg.fused_backward_pass:
             for part in self.parts:
-                part.optimizer.step_in_backward()
+                part.optimizer.step_in_backward(overlap=cfg.overlap_optimizer_step)
         if self.is_main:
             write_json_atomic(self.run_dir / "optimizer.json", optimizer_config_to_json(self.opt_cfg))
 
@@ -336,8 +353,11 @@ class Trainer:
         log.info(f"images: {len(self.scan.items)}  steps/epoch: {self.steps_per_epoch}  total steps: "
                  f"{self.total_steps}  effective batch: {cfg.batch_size} x {n} GPU(s) x {cfg.grad_accum} accum "
                  f"= {cfg.batch_size * n * cfg.grad_accum}")
-        compiled = cfg.compile_mode + (" (each UNet block)" if cfg.compile_blocks else "")
-        log.info(f"device: {self.device}  precision: {precision}  attention: {cfg.attn_type}  "
+        compiled = cfg.compile_mode + (" (each UNet block)" if cfg.compile_blocks else "") + (
+            f", memory budget {cfg.compile_memory_budget}" if cfg.compile_memory_budget < 1.0 else "")
+        attention = cfg.attn_type + (f" ({cfg.sdp_backend} first)" if cfg.attn_type == "sdp" and
+                                     cfg.sdp_backend != "auto" else "")
+        log.info(f"device: {self.device}  precision: {precision}  attention: {attention}  "
                  f"gradient checkpointing: {cfg.gradient_checkpointing}  latents: "
                  f"{'cached' if cfg.cache_latents else 'VAE each step'}  torch.compile: "
                  f"{compiled if cfg.torch_compile else 'off'}  channels_last: {cfg.channels_last}")
@@ -996,6 +1016,7 @@ class Trainer:
         self._old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def cleanup(self) -> None:
+        self.torch_settings.close()
         if getattr(self, "ema", None) is not None:
             self.ema.close()
         for s, h in getattr(self, "_old_handlers", {}).items():
@@ -1005,6 +1026,16 @@ class Trainer:
         if getattr(self, "log_handler", None):
             log.removeHandler(self.log_handler)
             self.log_handler.close()
+
+
+def sdp_priority(first: str) -> list[SDPBackend]:
+    """SDPA backends in the order torch tries them: `first`, then flash, memory-efficient, math, cuDNN. Every
+    backend stays enabled, so a shape the first refuses (e.g. a head dim beyond its limit) falls back instead of
+    failing."""
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION]
+    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+              "cudnn": SDPBackend.CUDNN_ATTENTION}[first]
+    return [chosen] + [b for b in order if b != chosen]
 
 
 def compiled_when_grad_enabled(forward, mode: str | None):

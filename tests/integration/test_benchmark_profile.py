@@ -1,4 +1,5 @@
 """python -m utils.benchmark --profile N on the tiny model (CPU: the ops' self time stands in for device time)."""
+import json
 
 
 def test_benchmark_profile_reports_time_by_category(tmp_path, capsys):
@@ -13,3 +14,6 @@ def test_benchmark_profile_reports_time_by_category(tmp_path, capsys):
     assert "profile: CPU self time per step by category, over 2 steps" in lines
     assert any(line.startswith("top ") for line in lines)
     assert lines[-1].startswith("{") and '"profile"' in lines[-1]
+    # the profiled steps ran after the timed ones: warm-up 1 + timed 3 + profiled 2
+    rows = [json.loads(line) for f in tmp_path.glob("logs/*/metrics.jsonl") for line in f.read_text().splitlines()]
+    assert max(row["step"] for row in rows) == 6

@@ -186,3 +186,57 @@ def test_compile_wraps_only_the_step_modules(tiny_sd_folder, dataset, tmp_path, 
         assert trainer.unet._orig_mod is trainer.sd.unet
     finally:
         trainer.cleanup()
+
+
+def test_sdp_backend_puts_its_kernel_first_for_the_run_only(tiny_sd_folder, dataset, tmp_path):
+    """sdp_backend reorders torch's SDPA backends while the trainer lives (every backend stays enabled, so shapes
+    the first refuses fall back); cleanup restores torch's order for whatever runs next in the process."""
+    from torch.nn.attention import SDPBackend
+
+    from utils.config import load_config
+    from utils.trainer import Trainer
+    before = torch._C._get_sdp_priority_order()
+    cfg, _ = load_config(base_args(tiny_sd_folder, dataset, tmp_path / "logs", sdp_backend="cudnn"))
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        order = torch._C._get_sdp_priority_order()
+        assert order[0] == int(SDPBackend.CUDNN_ATTENTION) and sorted(order) == sorted(before)
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        assert "attention: sdp (cudnn first)" in next(trainer.run_dir.glob("*.log")).read_text()
+        assert trainer.train(final_outputs=False) == 0
+    finally:
+        trainer.cleanup()
+    assert torch._C._get_sdp_priority_order() == before
+
+
+def test_compile_memory_budget_reaches_the_partitioner_and_learns_the_same(plain_run, monkeypatch):
+    """The budget is read when AOT autograd partitions a compiled graph into forward and backward, at the first
+    step: the backend sees it then. aot_eager_decomp_partition uses the min-cut partitioner that honours it (as
+    inductor does) without needing a C++ toolchain. Recomputing instead of keeping changes no value."""
+    from torch._dynamo.backends.registry import lookup_backend
+    seen = []
+
+    def spy(gm, example_inputs):
+        seen.append(torch._functorch.config.activation_memory_budget)
+        return lookup_backend("aot_eager_decomp_partition")(gm, example_inputs)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=spy))
+    default_budget = torch._functorch.config.activation_memory_budget
+    eager = plain_run("eager")
+    budget = plain_run("budget", torch_compile=True, compile_memory_budget=0.3)
+    assert seen and set(seen) == {0.3}
+    assert torch._functorch.config.activation_memory_budget == default_budget   # restored by cleanup
+    assert losses(budget) == pytest.approx(losses(eager), rel=1e-4)
+    assert "memory budget 0.3" in next(only_run(budget).glob("*.log")).read_text()
+
+
+def test_overlap_optimizer_step_needs_the_fused_step_and_a_gpu(tiny_sd_folder, dataset, tmp_path, capsys):
+    from utils.config import load_config
+    from utils.config_schema import ConfigError
+    with pytest.raises(ConfigError, match="overlap_optimizer_step true needs fused_backward_pass true"):
+        load_config(base_args(tiny_sd_folder, dataset, tmp_path / "logs", overlap_optimizer_step=True))
+    args = base_args(tiny_sd_folder, dataset, tmp_path / "logs", overlap_optimizer_step=True, fused_backward_pass=True)
+    assert run_train(args) == 2
+    err = capsys.readouterr().err
+    assert "overlap_optimizer_step true needs a CUDA GPU" in err and "Traceback" not in err
+    assert not (tmp_path / "logs").exists()

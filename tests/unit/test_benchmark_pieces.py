@@ -131,6 +131,27 @@ def test_summarize_profile_per_step_and_largest_first():
     assert len(top) == 5 and len(top[3][0]) == 90 and top[3][1:] == (0.5, 1.0, "triton")
 
 
+def test_profile_rows_count_each_kernel_once():
+    """The profiler also puts record_function ranges (the optimizer's "Optimizer.step#...") on the GPU timeline,
+    spanning kernels it lists too: counting them counted the optimizer twice (GPU run 10)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from utils.benchmark import _profile_rows
+
+    def event(key, device_type, us, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=us, self_cpu_time_total=us,
+                               count=2, is_user_annotation=annotation)
+    events = [event("Optimizer.step#GroupedAdamW8bit.step", DeviceType.CUDA, 70.0, annotation=True),
+              event("kOptimizerStatic8bit2StateBlockwise", DeviceType.CUDA, 50.0),
+              event("aten::add_", DeviceType.CPU, 9.0),
+              event("idle", DeviceType.CUDA, 0.0)]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    assert _profile_rows(prof, cuda=True) == [("kOptimizerStatic8bit2StateBlockwise", 50.0, 2)]
+    assert _profile_rows(prof, cuda=False) == [("aten::add_", 9.0, 2)]
+
+
 def test_synthetic_data_folder_per_count_and_size(tmp_path):
     from utils.benchmark import synthetic_data_folder
     a = synthetic_data_folder(tmp_path, 3, (64, 64))

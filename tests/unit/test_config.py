@@ -89,6 +89,12 @@ def test_cross_field_checks():
         load_config(["--resume_ckpt", "m", "--resolution", "500"])
     with pytest.raises(ConfigError, match="compile_blocks true needs torch_compile true"):
         load_config(["--resume_ckpt", "m", "--compile_blocks", "true"])
+    with pytest.raises(ConfigError, match="compile_memory_budget 0.5 needs torch_compile true"):
+        load_config(["--resume_ckpt", "m", "--compile_memory_budget", "0.5"])
+    with pytest.raises(ConfigError, match=r"compile_memory_budget. must be in \[0.0, 1.0\], got 1.5"):
+        load_config(["--resume_ckpt", "m", "--torch_compile", "true", "--compile_memory_budget", "1.5"])
+    with pytest.raises(ConfigError, match="sdp_backend 'cudnn' applies to attn_type 'sdp' only"):
+        load_config(["--resume_ckpt", "m", "--attn_type", "slice", "--sdp_backend", "cudnn"])
 
 
 def test_seed_minus_one_is_resolved():
@@ -125,3 +131,13 @@ def test_live_settings_reload_changes_only_live_keys(tmp_path):
     write(tmp_path, {"resume_ckpt": "m", "clip_skip": 9})
     with pytest.raises(ConfigError, match="clip_skip"):
         reload_live_settings(p, cfg)
+
+
+@pytest.mark.parametrize("name", ["train.json", "examples/train_24gb_fast.json", "examples/train_12gb.json"])
+def test_shipped_configs_pass_the_trainers_checks(name, monkeypatch):
+    """The memory and speed presets combine options with conditions (fused_backward_pass with optimizer.json's
+    optimizer, grad_accum and clip_grad_norm): the trainer's own checks, which run before any model loads, pass."""
+    from utils.trainer import Trainer
+    monkeypatch.chdir(ROOT)   # optimizer_config is relative to where train.py runs
+    cfg, _ = load_config(["--config", name])
+    Trainer(cfg)
