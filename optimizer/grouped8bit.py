@@ -32,6 +32,8 @@ overhead per tensor. SD1.5 (UNet + text encoder) has 882 trainable tensors; on o
   loading this layout into bitsandbytes' classes as built here (AdamW8bit / Lion8bit below).
 - step_in_backward() (train.json fused_backward_pass): each chunk is stepped by a hook as soon as the backward
   pass has accumulated all its gradients, which are then freed; step() afterwards steps the chunks left over.
+  With overlap=True (train.json overlap_optimizer_step) those chunk steps run on a second CUDA stream, next to
+  the rest of the backward pass, and step() makes the current stream wait for them.
 - triton=True (optimizer.json triton_8bit_step, AdamW only): bitsandbytes' Triton kernel instead of its CUDA
   kernel, same arguments and state format, not bit-identical (see triton_adam8bit_kernel).
 """

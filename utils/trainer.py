@@ -654,7 +654,9 @@ class Trainer:
             return {}
         norms = {}
         log_now = due(self.state.global_step + 1, self.cfg.log_step) and self.opt_cfg.log_grad_norm
-        if self.cfg.clip_grad_norm or log_now:
+        # fused_backward_pass: the gradients are gone by now (clip_grad_norm is refused); the norm is summed as
+        # the backward pass steps them and is taken below
+        if (self.cfg.clip_grad_norm or log_now) and not self.cfg.fused_backward_pass:
             for part in self.parts:
                 self.scaler.unscale_(part.optimizer)
                 max_norm = self.cfg.clip_grad_norm or float("inf")
