@@ -42,6 +42,7 @@ run() {
 # that the timed row of the same configuration finds inductor's graph and kernel caches warm; `wait` before timing
 prewarm() {
   local name=$1; shift
+  [ "${PREWARM_S:-330}" = 0 ] && return   # PREWARM_S=0: the caches are warm from an earlier command on this machine
   echo "=== prewarm $name: $*"
   timeout "${PREWARM_S:-330}" "$@" --workdir "/tmp/prewarm_$name" --steps 1 --warmup 1 --max_vram_gb 60 \
     > "$LOGS/prewarm_$name.log" 2>&1 &
@@ -163,6 +164,36 @@ case "$suite" in
     run ours_b16_fast_cudnn_blocks_fused_cap22 $B --workdir /tmp/b15 --batch_size 16 $FAST --sdp_backend cudnn $BLOCKS --max_vram_gb 22
     run ours_b16_fast_auto_cap22 $B --workdir /tmp/b15 --batch_size 16 $FAST --max_vram_gb 22
     ;;
+  speed8)  # issue 8: our Triton 8-bit AdamW kernel (no copies, one launch): alone against bitsandbytes' CUDA kernel
+           # (time and drift), then in the batch-16 step with a profile each, and with the step in the backward
+           # pass on a second stream
+    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --images 480 --steps 20 --warmup 5"
+    FAST="--cache_latents true --torch_compile true --channels_last true --skip_nonfinite_steps false"
+    TRITON="--optimizer_config /tmp/opt_triton.json"
+    BLOCKS="--compile_blocks true --fused_backward_pass true --overlap_optimizer_step true"
+    echo '{"triton_8bit_step": true}' > /tmp/opt_triton.json
+    [ -z "${SKIP_CHECK:-}" ] && run kernel8bit timeout 150 python3 bench/kernel8bit_check.py --steps 20 --drift_steps 50
+    prewarm b16 $B --batch_size 16 $FAST
+    prewarm b16_blocks $B --batch_size 16 $FAST $BLOCKS
+    wait
+    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 20 --warmup 5
+    run ours_b16_fast_triton_cap22 $B --workdir /tmp/b15 --batch_size 16 $FAST $TRITON --max_vram_gb 22 --profile 5
+    run ours_b16_fast_cap22 $B --workdir /tmp/b15 --batch_size 16 $FAST --max_vram_gb 22 --profile 5
+    run ours_b16_fast_blocks_overlap_triton_cap22 $B --workdir /tmp/b15 --batch_size 16 $FAST $BLOCKS $TRITON --max_vram_gb 22
+    ;;
+  speed9)  # issue 8: our Triton 8-bit kernel with channels_last convolutions stepped through contiguous copies
+           # (alone, while the compile runs beside it), then in the batch-16 step, and with CUDA graphs
+    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --images 480 --steps 20 --warmup 5"
+    FAST="--cache_latents true --torch_compile true --channels_last true --skip_nonfinite_steps false"
+    TRITON="--optimizer_config /tmp/opt_triton.json"
+    echo '{"triton_8bit_step": true}' > /tmp/opt_triton.json
+    prewarm b16 $B --batch_size 16 $FAST
+    run kernel8bit timeout 150 python3 bench/kernel8bit_check.py --steps 20 --drift_steps 50
+    wait
+    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 20 --warmup 5
+    run ours_b16_fast_triton_cap22 $B --workdir /tmp/b15 --batch_size 16 $FAST $TRITON --max_vram_gb 22 --profile 5
+    run ours_b16_fast_triton_cudagraphs_cap22 timeout 150 $B --workdir /tmp/b15 --batch_size 16 $FAST $TRITON --compile_mode reduce-overhead --max_vram_gb 22
+    ;;
   sd21_long)  # issue 8: SD2.1 768-v without compiling (eager, cached latents), then the long memory run without
               # compiling (bf16, grouped 8-bit step, cached latents, batch 8, LONG_STEPS), compared with an earlier
               # fp32 trace of the same data and seeds (FP32_TRACE)
@@ -183,6 +214,13 @@ case "$suite" in
     fi
     run fast_${LONG_STEPS:-2000}_steps $B --steps $((${LONG_STEPS:-2000} - 5)) --warmup 5 --loss_trace "$OUT/loss_fast.jsonl" --torch_compile true --channels_last true --skip_nonfinite_steps false --max_vram_gb 22
     run loss_fp32_vs_fast python3 -m utils.benchmark compare "$OUT/loss_fp32.jsonl" "$OUT/loss_fast.jsonl" 200
+    ;;
+  learning_triton)  # issue 8: learning unchanged with our Triton 8-bit kernel: 200 steps eager (batch 8, cached
+                    # latents, bf16) against an earlier fp32 trace of the same data, seeds and settings (FP32_TRACE)
+    echo '{"triton_8bit_step": true}' > /tmp/opt_triton.json
+    cp "$FP32_TRACE" "$OUT/loss_fp32.jsonl"
+    run eager_triton_200_steps python3 -m utils.benchmark --arch sd15 --resolution 512 --workdir /tmp/b15 --images 480 --optimizer_config /tmp/opt_triton.json --batch_size 8 --cache_latents true --lr 1e-5 --log_every 1 --steps 195 --warmup 5 --loss_trace "$OUT/loss_triton.jsonl" --skip_nonfinite_steps false --max_vram_gb 22
+    run loss_fp32_vs_triton python3 -m utils.benchmark compare "$OUT/loss_fp32.jsonl" "$OUT/loss_triton.jsonl" 200
     ;;
   *) echo "unknown suite $suite"; exit 2 ;;
 esac

@@ -123,11 +123,11 @@ class _OptimizerFile:
                                         "kernels (the same math, much faster on the GPU); false: bitsandbytes' "
                                         "own classes, one tensor at a time. Checkpoints' optimizer state loads "
                                         "only with the setting it was saved with.")
-    triton_8bit_step: bool = doc(False, "adamw8bit with grouped_8bit_step, on CUDA: bitsandbytes' Triton kernel "
-                                        "for the 8-bit update instead of its CUDA kernel (the same state format; "
-                                        "weights within 4e-6 relative of the CUDA kernel's; the kernel alone 2.2x "
-                                        "faster on an H200, the whole step not faster so far: doc/OPTIMIZER.md). "
-                                        "lion8bit keeps the CUDA kernel.")
+    triton_8bit_step: bool = doc(False, "adamw8bit with grouped_8bit_step, on CUDA: our Triton kernel for the 8-bit "
+                                        "update (reads gradients and writes weights in place, all tensors in one "
+                                        "launch; the same state format, not bit-identical): the optimizer step "
+                                        "27.7 -> 13.8 ms for SD1.5 on an H200 (doc/OPTIMIZER.md). lion8bit keeps "
+                                        "bitsandbytes' kernel.")
     # last: from here on the class body's `doc` is this field, not the helper
     doc: Any = doc(None, "Free text (string, list or object), ignored; optional.")
 

@@ -34,8 +34,12 @@ overhead per tensor. SD1.5 (UNet + text encoder) has 882 trainable tensors; on o
   pass has accumulated all its gradients, which are then freed; step() afterwards steps the chunks left over.
   With overlap=True (train.json overlap_optimizer_step) those chunk steps run on a second CUDA stream, next to
   the rest of the backward pass, and step() makes the current stream wait for them.
-- triton=True (optimizer.json triton_8bit_step, AdamW only): bitsandbytes' Triton kernel instead of its CUDA
-  kernel, same arguments and state format, not bit-identical (see triton_adam8bit_kernel).
+- triton=True (optimizer.json triton_8bit_step, AdamW only): our Triton kernel (optimizer/triton8bit.py) steps
+  the 8-bit chunks instead: it reads the gradients and writes the weights in place (no copies into the flat
+  buffers), all chunks in one launch in step(), in bitsandbytes' state format (not bit-identical). A weight or
+  gradient in another memory layout (channels_last) is stepped through a contiguous copy, its chunk in a launch
+  of its own. A chunk where some parameter has no gradient, or a gradient of another dtype, takes the copying
+  path with bitsandbytes' kernel that step.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import torch
 
+from optimizer import triton8bit
 from utils.config_schema import ConfigError
 
 BLOCK_SIZE = 256            # bitsandbytes' blockwise quantization block (Optimizer2State / Optimizer1State)
@@ -113,8 +118,7 @@ class Grouped8bit(torch.optim.Optimizer):
         if chunk_elements < MIN_8BIT_SIZE:
             raise ValueError(f"chunk_elements must be at least {MIN_8BIT_SIZE}, got {chunk_elements}")
         if triton and kind != "adam":
-            raise ValueError("triton: bitsandbytes' Triton kernel is used for AdamW only (its Lion applies weight "
-                             "decay to the gradient)")
+            raise ValueError("triton: the Triton 8-bit kernel is written for AdamW only")
         self.kind = kind
         self.triton = triton
         self.chunk_elements = int(chunk_elements)
@@ -122,6 +126,8 @@ class Grouped8bit(torch.optim.Optimizer):
         self._chunks: list[_Chunk] | None = None            # built at the first step
         self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}   # (device, dtype) -> (grad, param)
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._triton_maps: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._triton_rows: dict[tuple[int, ...], torch.Tensor] = {}   # chunk positions -> the launch's segment rows
         self._arrived: list[set] | None = None   # step_in_backward: per chunk, its tensors with a gradient
         self._stream = None                      # step_in_backward(overlap=True): the CUDA stream the chunks step on
         self.record_grad_norm = False            # sum the squared gradient norms of the chunks stepped
@@ -176,8 +182,9 @@ class Grouped8bit(torch.optim.Optimizer):
                 c.param_views.append(param_buf[off:off + p.numel()].view(p.shape))
             ends = [off + params[i].numel() for i, off in zip(c.indices, c.offsets)]
             c.gap_views = [grad_buf[end:start] for end, start in zip(ends, c.offsets[1:]) if start > end]
-        if self.triton and any(c.eight_bit for c in chunks):
-            self._triton_update = triton_adam8bit_kernel(chunks[0].device)
+        if self.triton:
+            for device in {c.device for c in chunks if c.eight_bit}:
+                triton8bit.check_available(device)
         for c in chunks:
             state = self.state.get(params[c.indices[0]])
             if state:   # loaded before the first step
@@ -217,13 +224,16 @@ class Grouped8bit(torch.optim.Optimizer):
             torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
         # with backward steps on, the chunks stepped during the backward pass have no gradient left: this steps
         # the rest (chunks with a parameter that got no gradient this step)
+        launch: list = []   # the Triton kernel's chunks, stepped together
         for c in self._chunks:
-            self._step_chunk(c)
+            self._step_chunk(c, launch)
+        self._launch_triton(launch)
         if self._arrived is not None:
             self._arrived = [set() for _ in self._chunks]
         return loss
 
-    def _step_chunk(self, c: _Chunk) -> None:
+    def _step_chunk(self, c: _Chunk, launch: list | None = None) -> None:
+        """Step one chunk; with the Triton kernel and a `launch` list, add it there to be stepped with others."""
         group = self.param_groups[0]
         params = group["params"]
         grads = [params[i].grad for i in c.indices]
@@ -244,6 +254,13 @@ class Grouped8bit(torch.optim.Optimizer):
         if not state:   # first step of this chunk (or a loaded state that has none for it)
             state.update(self._new_state(c))
         state["step"] += 1
+        if self.triton and c.eight_bit and all(present) and all(g.dtype == c.dtype for g in grads):
+            if launch is None or not all(g.is_contiguous() and params[i].is_contiguous()
+                                         for g, i in zip(grads, c.indices)):
+                self._launch_triton([(c, state, grads)])   # alone: its contiguous copies live only for its launch
+            else:
+                launch.append((c, state, grads))
+            return
         if c.direct:
             self._step_in_place(c, state, params[c.indices[0]], grads[0], lr, beta1, beta2, eps, wd)
             return
@@ -318,6 +335,44 @@ class Grouped8bit(torch.optim.Optimizer):
         for i in c.indices:
             params[i].grad = None
 
+    def _launch_triton(self, items: list[tuple[_Chunk, dict, list[torch.Tensor]]]) -> None:
+        """Step chunks with the Triton kernel: one launch per step count, dtype and device (normally one). The
+        state holds each tensor in its logical (row-major) order, as the copying path does, so a weight or gradient
+        in another memory layout (channels_last convolutions) is stepped through a contiguous copy."""
+        if not items:
+            return
+        groups: dict[tuple, list] = {}
+        for item in items:
+            c, state, _ = item
+            groups.setdefault((state["step"], c.dtype, c.device), []).append(item)
+        group = self.param_groups[0]
+        params = group["params"]
+        position = {id(c): n for n, c in enumerate(self._chunks)}
+        for (step, _dtype, device), chunks in groups.items():
+            key = tuple(position[id(c)] for c, _, _ in chunks)
+            rows = self._triton_rows.get(key)
+            if rows is None:
+                parts, slot = [], 0
+                for k, (c, _, _) in enumerate(chunks):
+                    parts.append(triton8bit.segment_rows([params[i].numel() for i in c.indices], c.offsets,
+                                                         c.length, tensor_slot=slot, chunk_slot=k))
+                    slot += len(c.indices)
+                rows = self._triton_rows[key] = torch.cat(parts).to(device)
+            if device not in self._triton_maps:
+                q1, q2 = self._qmap(device)
+                self._triton_maps[device] = (q1, q2, triton8bit.midpoints(q1), triton8bit.midpoints(q2))
+            beta1, beta2 = (float(b) for b in group["betas"])
+            weights = [params[i] for c, _, _ in chunks for i in c.indices]
+            stepped = [w if w.is_contiguous() else w.contiguous() for w in weights]
+            triton8bit.adamw8bit_step(
+                rows, stepped, [g.contiguous() for _, _, gs in chunks for g in gs],
+                [(s["state1"], s["state2"], s["absmax1"], s["absmax2"]) for _, s, _ in chunks],
+                self._triton_maps[device], step=step, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
+            copied = [(w, t) for w, t in zip(weights, stepped) if t is not w]
+            if copied:
+                torch._foreach_copy_([w for w, _ in copied], [t for _, t in copied])
+
     def take_grad_norm(self) -> torch.Tensor | None:
         """The L2 norm of the gradients stepped since the last call (with record_grad_norm on), as a device
         tensor; with backward steps the gradients are gone by the time a caller could measure them."""
@@ -340,7 +395,7 @@ class Grouped8bit(torch.optim.Optimizer):
         step, adam = state["step"], self.kind == "adam"
         if c.eight_bit:
             qmap1, qmap2 = self._qmap(c.device)
-            (self._triton_update if self.triton else F.optimizer_update_8bit_blockwise)(
+            F.optimizer_update_8bit_blockwise(
                 self.kind, g, p, state["state1"], state["state2"] if adam else None, beta1, beta2, 0.0, 0.0, eps,
                 step, lr, qmap1, qmap2 if adam else None, state["absmax1"], state["absmax2"] if adam else None,
                 wd, gnorm_scale=1.0, skip_zeros=False)
@@ -405,25 +460,9 @@ class Grouped8bit(torch.optim.Optimizer):
             self.state[params[index]].update({k: v.to(device=device, copy=True) for k, v in values.items()})
 
 
-def triton_adam8bit_kernel(device: torch.device):
-    """bitsandbytes' Triton kernel for the 8-bit blockwise Adam update (written for Intel GPUs, device-agnostic;
-    the same call and state format as its CUDA kernel). On an H200 it steps SD1.5's 983M parameters in 12.4 ms
-    against 27.0 ms, and after 13 steps the weights are within 4e-6 (relative) of the CUDA kernel's, with 2 in
-    100,000 state codes one step apart (bench/kernel8bit_check.py)."""
-    if device.type != "cuda":
-        raise ConfigError(f"optimizer.json triton_8bit_step true needs a CUDA GPU (the parameters are on {device}); "
-                          f"set it to false")
-    try:
-        from bitsandbytes.backends.triton.kernels_optim import optimizer_update_8bit_blockwise_impl
-    except ImportError as e:
-        raise ConfigError(f"optimizer.json triton_8bit_step true: bitsandbytes' Triton kernels do not load here "
-                          f"({e}); install triton (it comes with torch's CUDA wheels) or set it to false") from None
-    return optimizer_update_8bit_blockwise_impl
-
-
 class GroupedAdamW8bit(Grouped8bit):
-    """bitsandbytes' AdamW8bit, stepped in chunks (Grouped8bit with kind "adam"); triton: with bitsandbytes'
-    Triton kernel instead of its CUDA kernel."""
+    """bitsandbytes' AdamW8bit, stepped in chunks (Grouped8bit with kind "adam"); triton: with our Triton kernel
+    (optimizer/triton8bit.py) instead of bitsandbytes' CUDA kernel."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, direct_elements: int = DEFAULT_DIRECT_ELEMENTS,

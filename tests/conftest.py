@@ -4,6 +4,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels (optimizer/triton8bit.py) run on CPU tensors in Triton's interpreter. It must be switched on
+# before triton is imported: triton.language's own functions are built then.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sys
 from pathlib import Path

@@ -355,36 +355,6 @@ def test_backward_steps_with_an_unused_parameter():
     assert_same_grouped_state(ref_opt, opt)
 
 
-def test_triton_kernel_is_called_with_the_cuda_kernels_arguments(monkeypatch):
-    """triton_8bit_step: bitsandbytes' Triton kernel takes the CUDA kernel's arguments; here a stand-in that calls
-    the CPU kernel checks the routing (the Triton kernel itself is compared on the GPU: bench/kernel8bit_check.py)."""
-    import bitsandbytes.functional as F
-    from optimizer import grouped8bit
-    calls = []
-
-    def stand_in(*args, **kwargs):
-        calls.append(args[0])
-        return F.optimizer_update_8bit_blockwise(*args, **kwargs)
-    monkeypatch.setattr(grouped8bit, "triton_adam8bit_kernel", lambda device: stand_in)
-    a, b = make_model(), make_model()
-    oa, ob = grouped("adam", a.parameters()), GroupedAdamW8bit(b.parameters(), **HYPER["adam"], chunk_elements=CHUNK,
-                                                               direct_elements=DIRECT, triton=True)
-    run(a, oa, scheduler(oa), 3)
-    run(b, ob, scheduler(ob), 3)
-    assert_same_params(a, b)
-    assert calls and set(calls) == {"adam"}
-
-
-def test_triton_kernel_needs_cuda_and_adam():
-    model = make_model()
-    opt = GroupedAdamW8bit(model.parameters(), **HYPER["adam"], triton=True)
-    set_grads(model, 0)
-    with pytest.raises(ConfigError, match="triton_8bit_step true needs a CUDA GPU"):
-        opt.step()
-    with pytest.raises(ValueError, match="AdamW only"):
-        Grouped8bit(model.parameters(), kind="lion", triton=True)
-
-
 def test_triton_8bit_step_settings(tmp_path):
     f = tmp_path / "optimizer.json"
     f.write_text(json.dumps({"base": {"optimizer": "lion8bit"}, "triton_8bit_step": True}))

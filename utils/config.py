@@ -135,7 +135,8 @@ class TrainConfig:
     torch_compile: bool = doc(False, "torch.compile the trained UNet and text encoder. The first steps of each new "
                                      "shape compile (a minute or more; logged); afterwards steps are faster.")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = doc(
-        "default", "torch.compile mode; reduce-overhead adds CUDA graphs (more memory).")
+        "default", "torch.compile mode; reduce-overhead adds CUDA graphs (more memory: SD1.5 at batch 16 no "
+                   "longer fits 22 GiB).")
     compile_blocks: bool = doc(False, "With torch_compile: compile each UNet down, mid and up block on its own "
                                       "instead of the whole UNet (smaller graphs; with fused_backward_pass the "
                                       "gradients are freed block by block). Sampling runs the blocks uncompiled.")

@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from data.dataset import (BatchDataset, DataSettings, epoch_batches, scan_dataset, summarize, write_dataset_report,
                           write_schedule)
 from data.latent_cache import ensure_latents, needed_entries
+from optimizer import triton8bit
 from optimizer.build import (build_optimizer_parts, current_lr, describe, eval_weights, fused_backward_problems,
                              grad_scaler_tweak, set_train_mode)
 from optimizer.config import load_optimizer_config, optimizer_config_to_json
@@ -125,9 +126,11 @@ class Trainer:
         # optimizer.json is read here, so its mistakes, and combinations that cannot run, stop the run before any
         # model loads
         self.opt_cfg = load_optimizer_config(cfg.optimizer_config, lr_override=cfg.lr)
-        if self.opt_cfg.triton_8bit_step and self.device.type != "cuda":
-            raise ConfigError(f"optimizer.json triton_8bit_step true needs a CUDA GPU (this run is on "
-                              f"{self.device.type}); set it to false")
+        if self.opt_cfg.triton_8bit_step:
+            if self.device.type != "cuda":   # (Triton's CPU interpreter is for the tests only)
+                raise ConfigError(f"optimizer.json triton_8bit_step true needs a CUDA GPU (this run is on "
+                                  f"{self.device.type}); set it to false")
+            triton8bit.check_available(self.device)
         if cfg.overlap_optimizer_step and self.device.type != "cuda":
             raise ConfigError(f"overlap_optimizer_step true needs a CUDA GPU (this run is on {self.device.type}); "
                               f"set it to false")
@@ -592,6 +595,8 @@ class Trainer:
 
     def _micro_step(self, batch: dict, group_size: float, sync_grads: bool, weight: float = 1.0) -> torch.Tensor:
         cfg, sd = self.cfg, self.sd
+        if cfg.torch_compile and cfg.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()   # the last step's graph outputs may be overwritten now
         self.generator.manual_seed(batch_seed(cfg.seed, self.state.epoch, batch["position"]))
         if "latent_moments" in batch:  # cache_latents: the VAE posterior was stored; draw from it as below
             moments = batch["latent_moments"].to(self.device, non_blocking=True)

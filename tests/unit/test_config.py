@@ -140,4 +140,18 @@ def test_shipped_configs_pass_the_trainers_checks(name, monkeypatch):
     from utils.trainer import Trainer
     monkeypatch.chdir(ROOT)   # optimizer_config is relative to where train.py runs
     cfg, _ = load_config(["--config", name])
+    if name == "examples/train_24gb_fast.json":   # its optimizer file turns on the Triton kernel: CUDA only
+        with pytest.raises(ConfigError, match="triton_8bit_step true needs a CUDA GPU"):
+            Trainer(cfg)
+        cfg.optimizer_config = "optimizer.json"
     Trainer(cfg)
+
+
+def test_fast_preset_optimizer_file_is_optimizer_json_with_the_triton_kernel():
+    from optimizer.config import load_optimizer_config, optimizer_config_to_json
+    warnings = []
+    fast = optimizer_config_to_json(load_optimizer_config(str(ROOT / "examples/optimizer_24gb_fast.json"),
+                                                          warn=warnings.append))
+    plain = optimizer_config_to_json(load_optimizer_config(str(ROOT / "optimizer.json")))
+    assert not warnings and fast.pop("triton_8bit_step") and not plain.pop("triton_8bit_step")
+    assert {k: v for k, v in fast.items() if k != "doc"} == {k: v for k, v in plain.items() if k != "doc"}
