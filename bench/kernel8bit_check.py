@@ -89,8 +89,8 @@ def main() -> None:
     print(f"\n{'optimizer step (SD1.5, 8-bit AdamW)':<40}{'ms':>8}")
     print(f"{'grouped, bitsandbytes CUDA kernel':<40}{row['cuda_kernel_step_ms']:>8}")
     print(f"{'grouped, our Triton kernel':<40}{row['triton_kernel_step_ms']:>8}")
-    print(f"after {row['steps_compared']} steps: |cuda - triton| / |cuda - start| = {row['difference_over_change']:.2e}; "
-          f"state codes differing: {row['state_codes_differing']:.2e}")
+    print(f"after {row['steps_compared']} steps: |cuda - triton| / |cuda - start| = "
+          f"{row['difference_over_change']:.2e}; state codes differing: {row['state_codes_differing']:.2e}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
 """Our Triton kernel for bitsandbytes' 8-bit blockwise AdamW update, over many tensors in one launch.
 
 bitsandbytes' CUDA kernel needs one flat tensor per call, so Grouped8bit copies each chunk's gradients and weights
-into flat buffers and back; its kernel then moves SD1.5's 922M parameters in 27 ms on an H200, about a fifth of
-the memory bandwidth. This kernel reads each gradient and weight where it lies (an address table built per step),
-updates the weights in place and writes the chunk's 8-bit state in bitsandbytes' format: the same 256-element
-blocks, absmax values and dynamic maps, so a run can resume with either kernel.
+into flat buffers and back; its kernel then moves SD1.5's 922M parameters (about 16 bytes each) in 27 ms on an
+H200, a ninth of the memory bandwidth. This kernel reads each gradient and weight where it lies (an address
+table built per step), updates the weights in place and writes the chunk's 8-bit state in bitsandbytes' format:
+the same 256-element blocks, absmax values and dynamic maps, so a run can resume with either kernel.
 
 The math is bitsandbytes' CUDA kernel's (kOptimizerStatic8bit2StateBlockwise, ADAM): dequantize both moments,
 update them with the gradient, step the weight with step_size = -lr * sqrt(1 - beta2^t) / (1 - beta1^t) and eps
-scaled by sqrt(1 - beta2^t), then multiply it by 1 - lr * weight_decay. Where a gradient is not finite, the weight
-and its moments stay unchanged (bitsandbytes' kernel keeps the weight but stores a meaningless moment). New moments are quantized to the nearest code of their map after dividing by the block's new
-absmax. Results are not bit-identical to the CUDA kernel (division and tie rounding differ); the GPU check
+scaled by sqrt(1 - beta2^t), then multiply it by 1 - lr * weight_decay. Where a gradient is not finite, the
+weight and its moments stay unchanged (bitsandbytes' kernel keeps the weight but stores a meaningless moment).
+New moments are quantized to the nearest code of their map after dividing by the block's new absmax. Results
+are not bit-identical to the CUDA kernel (division and tie rounding differ); the GPU check
 bench/kernel8bit_check.py measures how far they are apart.
 
 Work is cut into segments of SEGMENT elements (whole 256-element blocks) that never span two tensors. A chunk's
