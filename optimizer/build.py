@@ -71,9 +71,7 @@ def _adamw8bit(params, s: PartSettings, device_type: str, grouped_8bit_step: boo
                triton_8bit_step: bool = False):
     _package("bitsandbytes", "adamw8bit")
     from optimizer import grouped8bit  # imports bitsandbytes
-    if not grouped_8bit_step:
-        if triton_8bit_step:
-            raise ConfigError("optimizer.json: triton_8bit_step true needs grouped_8bit_step true")
+    if not grouped_8bit_step:   # (triton_8bit_step true with it is refused by load_optimizer_config)
         return grouped8bit.AdamW8bit(params, lr=s.lr, betas=_betas(s), eps=s.epsilon, weight_decay=s.weight_decay)
     return grouped8bit.GroupedAdamW8bit(params, lr=s.lr, betas=_betas(s), eps=s.epsilon, weight_decay=s.weight_decay,
                                         triton=triton_8bit_step)

@@ -329,6 +329,9 @@ def load_optimizer_config(path: str | None, *, lr_override: float | None = None,
                           or getattr(te_overrides, k) is not None]
             if unused:
                 warn(f"{source}: {name}: {', '.join(unused)} not used by {optimizer}")
+    if top.get("triton_8bit_step") and not top.get("grouped_8bit_step", True):
+        raise ConfigError(f"{source}: triton_8bit_step true needs grouped_8bit_step true (the kernel steps the "
+                          f"grouped layout); set one of them")
     if top.get("triton_8bit_step") and "adamw8bit" not in (unet.optimizer, text_encoder.optimizer):
         warn(f"{source}: triton_8bit_step is used by adamw8bit only; neither part uses it")
     for name, part in (("UNet", unet), ("text encoder", text_encoder)):

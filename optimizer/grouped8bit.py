@@ -184,7 +184,7 @@ class Grouped8bit(torch.optim.Optimizer):
             c.gap_views = [grad_buf[end:start] for end, start in zip(ends, c.offsets[1:]) if start > end]
         if self.triton:
             for device in {c.device for c in chunks if c.eight_bit}:
-                triton8bit.check_available(device)
+                triton8bit.check_available(device, allow_interpreter=True)
         for c in chunks:
             state = self.state.get(params[c.indices[0]])
             if state:   # loaded before the first step
