@@ -44,7 +44,8 @@ prewarm() {
   local name=$1; shift
   [ "${PREWARM_S:-330}" = 0 ] && return   # PREWARM_S=0: the caches are warm from an earlier command on this machine
   echo "=== prewarm $name: $*"
-  timeout "${PREWARM_S:-330}" "$@" --workdir "/tmp/prewarm_$name" --steps 1 --warmup 1 --max_vram_gb 60 \
+  # KILL: the trainer takes SIGTERM as "stop after this step", and the first step is the compile (run 17 waited)
+  timeout -s KILL "${PREWARM_S:-330}" "$@" --workdir "/tmp/prewarm_$name" --steps 1 --warmup 1 --max_vram_gb 60 \
     > "$LOGS/prewarm_$name.log" 2>&1 &
 }
 
@@ -193,6 +194,35 @@ case "$suite" in
     run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 20 --warmup 5
     run ours_b16_fast_triton_cap22 $B --workdir /tmp/b15 --batch_size 16 $FAST $TRITON --max_vram_gb 22 --profile 5
     run ours_b16_fast_triton_cudagraphs_cap22 timeout 150 $B --workdir /tmp/b15 --batch_size 16 $FAST $TRITON --compile_mode reduce-overhead --max_vram_gb 22
+    ;;
+  speed10)  # issue 8: our kernel's launch shapes and its code table (alone, while the compiles run beside it), then
+            # batch 16 with channels_last weights (stepped through copies) against contiguous weights (inductor
+            # lays the convolutions out itself), each profiled with the GPU's idle time split by the host's phase
+    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --images 480 --steps 20 --warmup 5"
+    FAST="--cache_latents true --torch_compile true --skip_nonfinite_steps false"
+    TRITON="--optimizer_config examples/optimizer_24gb_fast.json"
+    prewarm b16cl $B --batch_size 16 $FAST --channels_last true $TRITON
+    prewarm b16 $B --batch_size 16 $FAST --channels_last false $TRITON
+    run kernel8bit_sweep timeout 200 python3 bench/kernel8bit_check.py --sweep --channels_last 0 --steps 20 --drift_steps 50
+    wait
+    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 20 --warmup 5
+    run ours_b16_fast_cl_triton_cap22 $B --workdir /tmp/b15 --batch_size 16 $FAST --channels_last true $TRITON --max_vram_gb 22 --profile 5
+    run ours_b16_fast_triton_cap22 $B --workdir /tmp/b15 --batch_size 16 $FAST --channels_last false $TRITON --max_vram_gb 22 --profile 5
+    ;;
+  speed11)  # issue 8: run 16 showed the step waiting on the host (GPU busy 135 of 160 ms) and cuDNN converting every
+            # NCHW convolution to NHWC (15.6 ms). compile_layout_optimization (inductor's layout optimization
+            # forced: its own rule skips the UNet) with the weights contiguous; size asserts are off when compiling.
+            # Run 17 set the same two inductor settings through TORCHINDUCTOR_FORCE_LAYOUT_OPT=1 and
+            # TORCHINDUCTOR_SIZE_ASSERTS=0, before the option existed. Then batch 18, and CUDA graphs at batch 16.
+    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --steps 20 --warmup 5"
+    FAST="--cache_latents true --torch_compile true --skip_nonfinite_steps false --channels_last false --compile_layout_optimization true"
+    TRITON="--optimizer_config examples/optimizer_24gb_fast.json"
+    prewarm layout $B --images 480 --batch_size 16 $FAST $TRITON
+    wait
+    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
+    run ours_b16_fast_layout_cap22 $B --images 480 --workdir /tmp/b15 --batch_size 16 $FAST $TRITON --max_vram_gb 22 --profile 5
+    run ours_b18_fast_layout_cap22 timeout -s KILL 420 $B --images 540 --workdir /tmp/b15 --batch_size 18 $FAST $TRITON --max_vram_gb 22
+    run ours_b16_fast_layout_cudagraphs_cap22 timeout -s KILL 330 $B --images 480 --workdir /tmp/b15 --batch_size 16 $FAST $TRITON --compile_mode reduce-overhead --max_vram_gb 22
     ;;
   sd21_long)  # issue 8: SD2.1 768-v without compiling (eager, cached latents), then the long memory run without
               # compiling (bf16, grouped 8-bit step, cached latents, batch 8, LONG_STEPS), compared with an earlier

@@ -2,9 +2,10 @@
 optimizer with bitsandbytes' CUDA kernel, on the shapes of SD1.5's UNet + CLIP-L text encoder (fp32 weights and
 gradients, random values): the optimizer step's time, and how far the weights and 8-bit states drift apart.
 
-    python bench/kernel8bit_check.py [--steps 20] [--drift_steps 50]
+    python bench/kernel8bit_check.py [--steps 20] [--drift_steps 50] [--sweep]
 
 Both optimizers start from the same weights and see the same gradients. Prints one JSON line and a table.
+--sweep first times our kernel's launch shapes (elements per program, warps, code table or binary search).
 """
 import argparse
 import json
@@ -19,6 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from optimizer.grouped8bit import GroupedAdamW8bit  # noqa: E402
 
 HYPER = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+# (elements per program, warps, code table): the shipped shape first, then the binary search it replaced
+SWEEP = [(512, 4, True), (1024, 4, True), (1024, 4, False), (256, 2, True), (512, 2, True), (1024, 8, True),
+         (2048, 4, True), (2048, 8, True), (4096, 8, True)]
 
 
 def sd15_shapes() -> list[torch.Size]:
@@ -42,12 +46,31 @@ def time_steps(opt, params, grads, steps: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
+def sweep(init: list[torch.Tensor], grads: list[list[torch.Tensor]], steps: int) -> None:
+    """ms per step of the grouped optimizer with our kernel in each launch shape of SWEEP."""
+    rows = []
+    for segment, warps, lookup in SWEEP:
+        params = [t.clone() for t in init]
+        opt = GroupedAdamW8bit(params, **HYPER, triton=True)
+        opt.triton_tuning = dict(segment=segment, num_warps=warps, lookup=lookup)
+        time_steps(opt, params, grads, 3)
+        rows.append({"segment": segment, "num_warps": warps, "lookup": lookup,
+                     "step_ms": round(time_steps(opt, params, grads, steps), 2)})
+        print(json.dumps({"sweep": rows[-1]}), flush=True)
+        del opt, params
+        torch.cuda.empty_cache()
+    print(f"\n{'segment':>8}{'warps':>6}{'codes':>8}{'ms':>8}")
+    for r in rows:
+        print(f"{r['segment']:>8}{r['num_warps']:>6}{'table' if r['lookup'] else 'search':>8}{r['step_ms']:>8}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--drift_steps", type=int, default=50)
     ap.add_argument("--channels_last", type=int, default=1, help="convolution weights and gradients channels_last, "
                     "as train.json channels_last true makes them (1, the default) or contiguous (0)")
+    ap.add_argument("--sweep", action="store_true", help="time our kernel's launch shapes first")
     args = ap.parse_args()
     shapes = sd15_shapes()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -58,6 +81,8 @@ def main() -> None:
         return t.contiguous(memory_format=layout) if t.dim() == 4 else t
     init = [make(s, 0.02) for s in shapes]
     grads = [[make(s, 1e-3) for s in shapes] for _ in range(2)]
+    if args.sweep:
+        sweep(init, grads, args.steps)
     params = {name: [t.clone() for t in init] for name in ("cuda", "triton")}
     opts = {name: GroupedAdamW8bit(params[name], **HYPER, triton=name == "triton") for name in params}
     ms = {}

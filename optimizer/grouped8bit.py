@@ -121,6 +121,8 @@ class Grouped8bit(torch.optim.Optimizer):
             raise ValueError("triton: the Triton 8-bit kernel is written for AdamW only")
         self.kind = kind
         self.triton = triton
+        # the Triton kernel's launch shape (bench/kernel8bit_check.py --sweep tries others); set before the first step
+        self.triton_tuning = dict(segment=triton8bit.SEGMENT, num_warps=triton8bit.NUM_WARPS, lookup=True)
         self.chunk_elements = int(chunk_elements)
         self.direct_elements = int(direct_elements)
         self._chunks: list[_Chunk] | None = None            # built at the first step
@@ -355,12 +357,12 @@ class Grouped8bit(torch.optim.Optimizer):
                 parts, slot = [], 0
                 for k, (c, _, _) in enumerate(chunks):
                     parts.append(triton8bit.segment_rows([params[i].numel() for i in c.indices], c.offsets,
-                                                         c.length, tensor_slot=slot, chunk_slot=k))
+                                                         c.length, tensor_slot=slot, chunk_slot=k,
+                                                         segment=self.triton_tuning["segment"]))
                     slot += len(c.indices)
                 rows = self._triton_rows[key] = torch.cat(parts).to(device)
             if device not in self._triton_maps:
-                q1, q2 = self._qmap(device)
-                self._triton_maps[device] = (q1, q2, triton8bit.midpoints(q1), triton8bit.midpoints(q2))
+                self._triton_maps[device] = triton8bit.kernel_maps(*self._qmap(device))
             beta1, beta2 = (float(b) for b in group["betas"])
             weights = [params[i] for c, _, _ in chunks for i in c.indices]
             stepped = [w if w.is_contiguous() else w.contiguous() for w in weights]
@@ -368,7 +370,7 @@ class Grouped8bit(torch.optim.Optimizer):
                 rows, stepped, [g.contiguous() for _, _, gs in chunks for g in gs],
                 [(s["state1"], s["state2"], s["absmax1"], s["absmax2"]) for _, s, _ in chunks],
                 self._triton_maps[device], step=step, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
+                eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), **self.triton_tuning)
             copied = [(w, t) for w, t in zip(weights, stepped) if t is not w]
             if copied:
                 torch._foreach_copy_([w for w, _ in copied], [t for _, t in copied])

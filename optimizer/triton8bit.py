@@ -12,7 +12,9 @@ scaled by sqrt(1 - beta2^t), then multiply it by 1 - lr * weight_decay. Where a 
 weight and its moments stay unchanged (bitsandbytes' kernel keeps the weight but stores a meaningless moment).
 New moments are quantized to the nearest code of their map after dividing by the block's new absmax. Results
 are not bit-identical to the CUDA kernel (division and tie rounding differ); the GPU check
-bench/kernel8bit_check.py measures how far they are apart.
+bench/kernel8bit_check.py measures how far they are apart. The nearest code comes from a table keyed on the
+value's sign, exponent and top mantissa bits (`code_table`): one lookup and one comparison with a midpoint
+instead of a binary search's eight dependent loads, with the same result (tests check every bucket).
 
 Work is cut into segments of SEGMENT elements (whole 256-element blocks) that never span two tensors. A chunk's
 segment rows are fixed at its first step (`segment_rows`); per step only the addresses change (`address_table`).
@@ -34,7 +36,8 @@ except ImportError:
     triton = tl = None
 
 BLOCK = 256          # bitsandbytes' blockwise quantization block
-SEGMENT = 1024       # elements per Triton program: 4 blocks
+SEGMENT = 512        # elements per Triton program: 2 blocks (the fastest in run 16's sweep)
+NUM_WARPS = 4
 ROW_FIELDS = 6       # tensor slot, first element, elements, state elements, chunk slot, first state element
 ADDRESS_FIELDS = 2   # per tensor: weight and gradient offsets from the launch's first weight and gradient
 CHUNK_FIELDS = 4     # per chunk: state1, state2, absmax1, absmax2 offsets from the launch's first chunk's
@@ -65,18 +68,68 @@ def midpoints(qmap: torch.Tensor) -> torch.Tensor:
     return torch.cat([mids, mids.new_full((1,), float("inf"))])
 
 
+# code_table: values in [-1, 1] fall into buckets by sign, exponent and the top TABLE_MANTISSA_BITS mantissa bits;
+# |x| < 2^TABLE_MIN_EXPONENT is one bucket (the maps' smallest midpoints lie near 2^-22.5). With 7 bits no bucket
+# holds two midpoints of bitsandbytes' maps, so a bucket's first code plus one comparison gives the nearest code.
+TABLE_MANTISSA_BITS = 7
+TABLE_MIN_EXPONENT = -24
+_TABLE_SHIFT = 23 - TABLE_MANTISSA_BITS
+_TABLE_LOW_BITS = (127 + TABLE_MIN_EXPONENT) << 23                  # float32 bits of 2^TABLE_MIN_EXPONENT
+_TABLE_SIDE = ((0x3F800000 - _TABLE_LOW_BITS) >> _TABLE_SHIFT) + 1   # buckets a sign, the one holding 1.0 last
+
+
+def _bucket_bounds() -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest and largest float32 of each bucket, bucket index order (negative, zero, positive)."""
+    t = torch.arange(1, _TABLE_SIDE + 1, dtype=torch.int64)
+    first = (_TABLE_LOW_BITS + ((t - 1) << _TABLE_SHIFT)).to(torch.int32).view(torch.float32)
+    last = (_TABLE_LOW_BITS + (t << _TABLE_SHIFT) - 1).to(torch.int32).view(torch.float32)
+    below_tiny = torch.tensor([_TABLE_LOW_BITS - 1], dtype=torch.int32).view(torch.float32)
+    lows = torch.cat([-last.flip(0), -below_tiny, first])
+    highs = torch.cat([-first.flip(0), below_tiny, last])
+    return lows, highs
+
+
+def code_table(mids: torch.Tensor) -> torch.Tensor:
+    """For each bucket (see `table_index`), the number of midpoints below its smallest value: the nearest code
+    of x is then table[bucket] + (x > mids[table[bucket]]), as long as no bucket holds two midpoints (checked).
+    mids: `midpoints` of a map (255 and the +inf pad). uint8, 2 * _TABLE_SIDE + 1 entries."""
+    lows, highs = _bucket_bounds()
+    inner = mids[:255].float().cpu()
+    first, last = torch.searchsorted(inner, lows), torch.searchsorted(inner, highs)
+    if bool((last - first > 1).any()):
+        raise ValueError("the 8-bit map has two midpoints in one bucket of the code table; raise "
+                         "TABLE_MANTISSA_BITS")
+    return first.to(torch.uint8).to(mids.device)
+
+
+def kernel_maps(qmap1: torch.Tensor, qmap2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What the kernel reads for quantizing: both maps, their midpoints and their code tables."""
+    mids1, mids2 = midpoints(qmap1), midpoints(qmap2)
+    return qmap1, qmap2, mids1, mids2, code_table(mids1), code_table(mids2)
+
+
+def table_index(x: torch.Tensor) -> torch.Tensor:
+    """The code-table bucket of each float32 x in [-1, 1] (the kernel's arithmetic, in torch; for tests)."""
+    a = x.abs()
+    t = torch.where(a < 2.0 ** TABLE_MIN_EXPONENT, 0, ((a.view(torch.int32) - _TABLE_LOW_BITS) >> _TABLE_SHIFT) + 1)
+    return torch.where(x < 0, _TABLE_SIDE - t, _TABLE_SIDE + t).clamp(0, 2 * _TABLE_SIDE)
+
+
 def segment_rows(numels: list[int], offsets: list[int], length: int, tensor_slot: int = 0,
-                 chunk_slot: int = 0) -> torch.Tensor:
+                 chunk_slot: int = 0, segment: int = SEGMENT) -> torch.Tensor:
     """The rows (int32, ROW_FIELDS each) of one chunk: its tensors, at their offsets in the chunk's state, cut
-    into segments of SEGMENT elements. 'State elements' is how much of the state a segment writes: its whole
-    blocks, so that the gap between a tensor's end and the next block boundary holds the code of 0 (as when
-    bitsandbytes quantizes the zero-padded flat buffer), but never past the chunk's state (length)."""
+    into segments of `segment` elements (a multiple of BLOCK). 'State elements' is how much of the state a
+    segment writes: its whole blocks, so that the gap between a tensor's end and the next block boundary holds
+    the code of 0 (as when bitsandbytes quantizes the zero-padded flat buffer), but never past the chunk's state
+    (length)."""
+    if segment <= 0 or segment % BLOCK:
+        raise ValueError(f"segment {segment} is not a positive multiple of {BLOCK}")
     parts = []
     for k, (numel, offset) in enumerate(zip(numels, offsets)):
         if offset % BLOCK:
             raise ValueError(f"tensor {k} starts at {offset}, not at a multiple of {BLOCK}")
-        start = torch.arange(0, numel, SEGMENT, dtype=torch.int64)
-        n = (numel - start).clamp(max=SEGMENT)
+        start = torch.arange(0, numel, segment, dtype=torch.int64)
+        n = (numel - start).clamp(max=segment)
         state_end = (offset + start + (n + BLOCK - 1) // BLOCK * BLOCK).clamp(max=length)
         parts.append(torch.stack([torch.full_like(start, tensor_slot + k), start, n, state_end - offset - start,
                                   torch.full_like(start, chunk_slot), offset + start], dim=1))
@@ -113,8 +166,10 @@ def _kernel(interpret: bool):
     must reach `tl` as a module global: the interpreter patches the module the function was defined in.)"""
     @triton.jit
     def adamw8bit_kernel(rows_ptr, table_ptr, n_tensors, p_base, g_base, s1_base, s2_base, a1_base, a2_base,
-                         qmap1_ptr, qmap2_ptr, mids1_ptr, mids2_ptr, beta1, beta2, step_size, eps, decay,
-                         SEG: tl.constexpr, BLK: tl.constexpr, ALIGNED: tl.constexpr):
+                         qmap1_ptr, qmap2_ptr, mids1_ptr, mids2_ptr, table1_ptr, table2_ptr, beta1, beta2,
+                         step_size, eps, decay, SEG: tl.constexpr, BLK: tl.constexpr, ALIGNED: tl.constexpr,
+                         LOOKUP: tl.constexpr, TINY: tl.constexpr, LOW_BITS: tl.constexpr, SHIFT: tl.constexpr,
+                         SIDE: tl.constexpr):
         row = rows_ptr + tl.program_id(0).to(tl.int64) * 6   # ROW_FIELDS
         tensor = tl.load(row).to(tl.int64)
         start = tl.load(row + 1).to(tl.int64)
@@ -161,11 +216,22 @@ def _kernel(interpret: bool):
         max2 = tl.max(blocks2, axis=1)
         x1 = blocks1 / tl.where(max1 > 0.0, max1, 1.0)[:, None]
         x2 = blocks2 / tl.where(max2 > 0.0, max2, 1.0)[:, None]
-        q1 = tl.zeros(x1.shape, dtype=tl.int32)
-        q2 = tl.zeros(x2.shape, dtype=tl.int32)
-        for bit in tl.static_range(7, -1, -1):   # binary search over the midpoints: the nearest code in 8 steps
-            q1 = tl.where(x1 > tl.load(mids1_ptr + q1 + ((1 << bit) - 1)), q1 + (1 << bit), q1)
-            q2 = tl.where(x2 > tl.load(mids2_ptr + q2 + ((1 << bit) - 1)), q2 + (1 << bit), q2)
+        if LOOKUP:   # the code table's bucket (table_index), then one comparison with the midpoint above its start
+            a1 = tl.abs(x1)
+            t1 = tl.where(a1 < TINY, 0, ((a1.to(tl.int32, bitcast=True) - LOW_BITS) >> SHIFT) + 1)
+            k1 = tl.minimum(tl.maximum(tl.where(x1 < 0.0, SIDE - t1, SIDE + t1), 0), 2 * SIDE)
+            q1 = tl.load(table1_ptr + k1).to(tl.int32)
+            q1 = tl.where(x1 > tl.load(mids1_ptr + q1), q1 + 1, q1)
+            t2 = tl.where(x2 < TINY, 0, ((x2.to(tl.int32, bitcast=True) - LOW_BITS) >> SHIFT) + 1)   # x2 >= 0
+            k2 = tl.minimum(tl.maximum(SIDE + t2, 0), 2 * SIDE)
+            q2 = tl.load(table2_ptr + k2).to(tl.int32)
+            q2 = tl.where(x2 > tl.load(mids2_ptr + q2), q2 + 1, q2)
+        else:        # binary search over the midpoints: the nearest code in 8 steps (the table's reference)
+            q1 = tl.zeros(x1.shape, dtype=tl.int32)
+            q2 = tl.zeros(x2.shape, dtype=tl.int32)
+            for bit in tl.static_range(7, -1, -1):
+                q1 = tl.where(x1 > tl.load(mids1_ptr + q1 + ((1 << bit) - 1)), q1 + (1 << bit), q1)
+                q2 = tl.where(x2 > tl.load(mids2_ptr + q2 + ((1 << bit) - 1)), q2 + (1 << bit), q2)
         q1 = q1.to(tl.uint8)
         q2 = q2.to(tl.uint8)
         tl.store(s1_base + s1_off + idx, tl.reshape(q1, (SEG,)), mask=in_state)
@@ -179,13 +245,14 @@ def _kernel(interpret: bool):
 
 def adamw8bit_step(rows: torch.Tensor, params: list[torch.Tensor], grads: list[torch.Tensor],
                    states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-                   maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], *, step: int, lr: float,
-                   beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+                   maps: tuple[torch.Tensor, ...], *, step: int, lr: float, beta1: float, beta2: float, eps: float,
+                   weight_decay: float, segment: int = SEGMENT, num_warps: int = NUM_WARPS,
+                   lookup: bool = True) -> None:
     """One AdamW8bit step over `params` (contiguous, one dtype, their gradients of the same dtype) whose state
     lies in the chunks `states` ((state1, state2, absmax1, absmax2) each); rows: the launch's segment rows
     (`segment_rows` of each chunk, tensor and chunk slots numbered in the order of params and states), an int32
-    tensor on the parameters' device; maps: (qmap1, qmap2, midpoints1, midpoints2) on that device. All chunks
-    take the same step count."""
+    tensor on the parameters' device, cut with the same `segment`; maps: `kernel_maps` on that device. All chunks
+    take the same step count. lookup false finds codes by binary search (same codes, slower; for checks)."""
     table, aligned = address_table(params, grads, states)
     device = params[0].device
     table = torch.tensor(table, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
@@ -195,4 +262,5 @@ def adamw8bit_step(rows: torch.Tensor, params: list[torch.Tensor], grads: list[t
     _kernel(interpreting())[(rows.shape[0],)](
         rows, table, len(params), params[0], grads[0], s1, s2, a1, a2, *maps, beta1, beta2,
         -lr * correction2 / correction1, correction2 * eps, 1.0 - lr * weight_decay if weight_decay > 0 else 1.0,
-        SEG=SEGMENT, BLK=BLOCK, ALIGNED=aligned, num_warps=4)
+        SEG=segment, BLK=BLOCK, ALIGNED=aligned, LOOKUP=lookup, TINY=2.0 ** TABLE_MIN_EXPONENT,
+        LOW_BITS=_TABLE_LOW_BITS, SHIFT=_TABLE_SHIFT, SIDE=_TABLE_SIDE, num_warps=num_warps)

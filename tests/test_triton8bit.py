@@ -89,6 +89,34 @@ def test_midpoints_give_the_nearest_code():
         triton8bit.midpoints(Q1.flip(0))
 
 
+def test_segment_rows_take_other_segment_lengths():
+    rows = triton8bit.segment_rows([600], [0], 600, segment=256)
+    assert rows[:, 1:4].tolist() == [[0, 256, 256], [256, 256, 256], [512, 88, 88]]
+    with pytest.raises(ValueError, match="multiple of 256"):
+        triton8bit.segment_rows([600], [0], 600, segment=300)
+
+
+def test_code_table_gives_the_binary_search_codes():
+    """table[bucket] + (x > mids[table[bucket]]) equals the number of midpoints below x (the binary search's
+    code) for every bucket's edges, every midpoint and its float neighbours, and values spread over all scales."""
+    torch.manual_seed(0)
+    lows, highs = triton8bit._bucket_bounds()
+    for q, signed in ((Q1, True), (Q2, False)):
+        mids = triton8bit.midpoints(q)
+        inner = mids[:255]
+        spread = torch.rand(200_000) * 10.0 ** -torch.randint(0, 9, (200_000,)).float()
+        x = torch.cat([lows, highs, inner, inner.nextafter(torch.tensor(2.0)), inner.nextafter(torch.tensor(-2.0)),
+                       q, spread, -spread, torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0 ** -30, -(2.0 ** -30)])])
+        x = x[(x.abs() <= 1.0) & ((x >= 0) | signed)]
+        table = triton8bit.code_table(mids)
+        base = table[triton8bit.table_index(x)].long()
+        codes = base + (x > mids[base]).long()
+        assert torch.equal(codes, torch.searchsorted(inner, x)), q
+    crowded = torch.cat([torch.linspace(-1, 0.4, 253), torch.tensor([0.5, 0.5001, 0.5002])])
+    with pytest.raises(ValueError, match="two midpoints in one bucket"):
+        triton8bit.code_table(triton8bit.midpoints(crowded))
+
+
 def test_address_table_holds_offsets_from_the_first_tensor():
     buf = torch.zeros(4096)
     params = [buf[0:100], buf[1024:2048]]
@@ -124,7 +152,7 @@ def test_kernel_equals_the_reference_over_a_chunk_with_gaps(interpreter):
     state = (torch.zeros(length, dtype=torch.uint8), torch.zeros(length, dtype=torch.uint8), torch.zeros(blocks),
              torch.zeros(blocks))
     ref_state = tuple(t.clone() for t in state)
-    maps = (Q1, Q2, triton8bit.midpoints(Q1), triton8bit.midpoints(Q2))
+    maps = triton8bit.kernel_maps(Q1, Q2)
     rows = triton8bit.segment_rows(numels, offsets, length)
     for o, p in zip(offsets, params):
         flat[o:o + p.numel()] = p
@@ -153,6 +181,31 @@ def test_kernel_equals_the_reference_over_a_chunk_with_gaps(interpreter):
             for o, n in zip(offsets, numels)]
     zero1 = nearest_codes(torch.tensor([0.0]), Q1).item()
     assert all(state[0][i].item() == zero1 and state[1][i].item() == 0 for gap in gaps for i in gap)
+
+
+def test_kernel_codes_by_table_equal_codes_by_search(interpreter):
+    """The code table and the binary search give bit-equal weights, moments and absmax values, here with
+    segments of 256 and 512 elements too (the launch shapes bench/kernel8bit_check.py --sweep tries)."""
+    torch.manual_seed(1)
+    numels = [700, 1300]
+    offsets, length = chunk_layout(numels)
+    blocks = math.ceil(length / BLOCK_SIZE)
+    start = [torch.randn(n) for n in numels]
+    grads = [[torch.randn(n) * 10.0 ** -k for k, n in enumerate(numels)] for _ in range(3)]
+    results = []
+    for lookup, segment in ((False, 1024), (True, 1024), (True, 256), (True, 512)):
+        params = [p.clone() for p in start]
+        state = (torch.zeros(length, dtype=torch.uint8), torch.zeros(length, dtype=torch.uint8),
+                 torch.zeros(blocks), torch.zeros(blocks))
+        rows = triton8bit.segment_rows(numels, offsets, length, segment=segment)
+        for step, g in enumerate(grads, start=1):
+            triton8bit.adamw8bit_step(rows, params, g, [state], triton8bit.kernel_maps(Q1, Q2), step=step, lr=1e-2,
+                                      beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, segment=segment,
+                                      num_warps=2, lookup=lookup)
+        results.append(params + list(state))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 def small_model(conv: bool = False):

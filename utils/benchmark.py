@@ -175,6 +175,12 @@ def run(argv: list[str] | None = None) -> dict:
         by_category, top = summarize_profile(_profile_rows(prof["p"], cuda), steps)
         _print_profile(by_category, top, steps, "GPU" if cuda else "CPU")
         result["profile"] = by_category
+        if timeline := _timeline(prof["p"]):
+            idle = idle_by_phase(*timeline, steps=steps)
+            result["profile_host_ms"] = idle.pop("host_ms")
+            if cuda:
+                result["profile_idle"] = idle
+            _print_idle(idle if cuda else None, result["profile_host_ms"])
     print(json.dumps(result), flush=True)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
@@ -241,6 +247,74 @@ def _profile_rows(prof, cuda: bool) -> list[tuple[str, float, int]]:
         if us > 0:
             rows.append((e.key, us, e.count))
     return rows
+
+
+def idle_by_phase(kernels: list[tuple[float, float]], phases: list[tuple[str, float, float]], start: float,
+                  steps: int) -> dict:
+    """Where the GPU waits for the host. kernels: (start, end) of every GPU activity; phases: (name, start, end)
+    of the trainer's profiler ranges on the host (utils.trainer.PHASES, not nested); times in us on one clock,
+    from `start` (the profiler's) to the end of the last kernel (without kernels: of the last phase). Returns
+    ms per step: GPU busy, GPU idle, the idle time split by what the host was doing meanwhile ("loop": outside
+    every phase), and each phase's host time (a phase whose host time exceeds its GPU work leaves the GPU
+    waiting)."""
+    merged: list[list[float]] = []
+    for a, b in sorted(kernels):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    end = merged[-1][1] if merged else max([start] + [b for _, _, b in phases])
+    gaps, cursor = [], start
+    for a, b in merged:
+        if a > cursor:
+            gaps.append((cursor, a))
+        cursor = max(cursor, b)
+    per_step = 1e3 * steps
+    idle = {}
+    for g0, g1 in gaps:
+        rest = g1 - g0
+        for name, a, b in phases:
+            overlap = min(b, g1) - max(a, g0)
+            if overlap > 0:
+                idle[name] = idle.get(name, 0.0) + overlap
+                rest -= overlap
+        idle["loop"] = idle.get("loop", 0.0) + max(rest, 0.0)
+    host = {}
+    for name, a, b in phases:
+        span = min(b, end) - max(a, start)
+        if span > 0:
+            host[name] = host.get(name, 0.0) + span
+    busy = sum(b - a for a, b in merged)
+    return {"window_ms": round((end - start) / per_step, 2), "gpu_busy_ms": round(busy / per_step, 2),
+            "gpu_idle_ms": round(sum(b - a for a, b in gaps) / per_step, 2),
+            "idle_while_ms": {k: round(v / per_step, 2) for k, v in sorted(idle.items(), key=lambda kv: -kv[1])},
+            "host_ms": {k: round(v / per_step, 2) for k, v in host.items()}}
+
+
+def _timeline(prof) -> tuple | None:
+    """(kernels, phases, start) for idle_by_phase from a finished profiler, or None without device events."""
+    from torch.autograd import DeviceType
+    from utils.trainer import PHASES
+    kernels, phases, start = [], [], None
+    for e in prof.events():
+        if e.device_type == DeviceType.CPU:
+            start = e.time_range.start if start is None else min(start, e.time_range.start)
+            if e.name in PHASES:
+                phases.append((e.name, e.time_range.start, e.time_range.end))
+        elif not getattr(e, "is_user_annotation", False):
+            kernels.append((e.time_range.start, e.time_range.end))
+    return (kernels, phases, start) if phases else None
+
+
+def _print_idle(idle: dict | None, host: dict) -> None:
+    if idle:
+        print(f"GPU per step: window {idle['window_ms']} ms, busy {idle['gpu_busy_ms']} ms, idle "
+              f"{idle['gpu_idle_ms']} ms")
+    print(f"  {'host phase':<32} {'host ms/step':>12} {'GPU idle meanwhile':>19}")
+    for name in dict.fromkeys([*host, *(idle or {}).get("idle_while_ms", {})]):
+        waiting = f"{idle['idle_while_ms'].get(name, 0.0):19.2f}" if idle else f"{'':>19}"
+        print(f"  {name:<32} {host.get(name, 0.0):12.2f} {waiting}")
+    sys.stdout.flush()
 
 
 def _print_profile(by_category: dict, top: list, steps: int, device: str) -> None:

@@ -133,7 +133,8 @@ class TrainConfig:
     cache_te_outputs: bool = doc(True, "With the text encoder frozen (disable_textenc_training): compute each "
                                        "distinct caption's conditioning once and reuse it (exact; bounded to 1 GiB).")
     torch_compile: bool = doc(False, "torch.compile the trained UNet and text encoder. The first steps of each new "
-                                     "shape compile (a minute or more; logged); afterwards steps are faster.")
+                                     "shape compile (a minute or more; logged); afterwards steps are faster. "
+                                     "Inductor's per-call size asserts are off (the compile guards check inputs).")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = doc(
         "default", "torch.compile mode; reduce-overhead adds CUDA graphs (more memory: SD1.5 at batch 16 no "
                    "longer fits 22 GiB).")
@@ -145,7 +146,12 @@ class TrainConfig:
                                             "cheapest of the others in the backward pass (automatic selective "
                                             "checkpointing: less memory, some extra compute). 1: keep all.",
                                        minimum=0.0, maximum=1.0)
-    channels_last: bool = doc(False, "Keep the UNet's weights and activations in channels-last memory format.")
+    compile_layout_optimization: bool = doc(
+        False, "With torch_compile: make inductor lay the compiled UNet's convolutions out channels-last (NHWC) "
+               "inside its graphs while the weights keep their usual layout. Inductor's own rule leaves SD's UNet "
+               "in NCHW, and cuDNN then converts at every convolution. Prefer it to channels_last when compiling.")
+    channels_last: bool = doc(False, "Keep the UNet's weights and activations in channels-last memory format (for "
+                                     "eager runs; compiled runs do better with compile_layout_optimization).")
     # --- logging, samples, saving ---
     project_name: str = doc("myproj", "Names the run folder logs/<project_name>-<timestamp> and checkpoints.")
     logdir: str = doc("logs", "Root folder for runs.")
@@ -287,8 +293,9 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"resolution must be a multiple of 64 (or a non-empty list of them), got {cfg.resolution}")
     if cfg.timestep_start >= cfg.timestep_end:
         problems.append(f"timestep_start ({cfg.timestep_start}) must be below timestep_end ({cfg.timestep_end})")
-    if cfg.compile_blocks and not cfg.torch_compile:
-        problems.append("compile_blocks true needs torch_compile true")
+    for key in ("compile_blocks", "compile_layout_optimization"):
+        if getattr(cfg, key) and not cfg.torch_compile:
+            problems.append(f"{key} true needs torch_compile true")
     if cfg.overlap_optimizer_step and not cfg.fused_backward_pass:
         problems.append("overlap_optimizer_step true needs fused_backward_pass true (the step it overlaps with the "
                         "backward pass is the one fused_backward_pass moves into it)")

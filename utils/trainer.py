@@ -55,6 +55,24 @@ OOM_ADVICE = ("error: CUDA out of memory. Lower, in this order: batch_size (now 
 NONFINITE_STEP_LIMIT = 20  # skipped steps in a row before training stops: fp16 calibration skips only a few
 
 
+# The profiler ranges of a step (utils.benchmark --profile attributes the GPU's idle time to them); what falls
+# outside them is the loop itself.
+PHASE_DATA, PHASE_FORWARD, PHASE_BACKWARD = "step: data", "step: forward", "step: backward"
+PHASE_OPTIMIZER, PHASE_AFTER = "step: optimizer", "step: logging, samples, saves"
+PHASES = (PHASE_DATA, PHASE_FORWARD, PHASE_BACKWARD, PHASE_OPTIMIZER, PHASE_AFTER)
+
+
+def annotated(iterable, name: str):
+    """Yield from `iterable`, each fetch inside a profiler range called `name` (nearly free when not profiling)."""
+    it, end = iter(iterable), object()
+    while True:
+        with torch.profiler.record_function(name):
+            item = next(it, end)
+        if item is end:
+            return
+        yield item
+
+
 class StopTraining(Exception):
     """Raised inside the loop to end the run early with a message (e.g. repeated non-finite losses)."""
 
@@ -197,6 +215,12 @@ class Trainer:
         if cfg.torch_compile and cfg.compile_memory_budget < 1.0:
             self.torch_settings.enter_context(
                 torch._functorch.config.patch(activation_memory_budget=cfg.compile_memory_budget))
+        if cfg.torch_compile:
+            import torch._inductor.config as inductor
+            # size asserts re-check every input of every compiled graph call on the host (the step waits on the
+            # host); dynamo's guards check them already. The layout optimization: see compile_layout_optimization.
+            self.torch_settings.enter_context(inductor.patch(
+                size_asserts=False, force_layout_optimization=cfg.compile_layout_optimization))
 
     def _make_run_dir(self) -> Path:
         from accelerate.utils import broadcast_object_list
@@ -354,7 +378,8 @@ class Trainer:
                  f"{self.total_steps}  effective batch: {cfg.batch_size} x {n} GPU(s) x {cfg.grad_accum} accum "
                  f"= {cfg.batch_size * n * cfg.grad_accum}")
         compiled = cfg.compile_mode + (" (each UNet block)" if cfg.compile_blocks else "") + (
-            f", memory budget {cfg.compile_memory_budget}" if cfg.compile_memory_budget < 1.0 else "")
+            f", memory budget {cfg.compile_memory_budget}" if cfg.compile_memory_budget < 1.0 else "") + (
+            ", convolutions channels-last" if cfg.compile_layout_optimization else "")
         attention = cfg.attn_type + (f" ({cfg.sdp_backend} first)" if cfg.attn_type == "sdp" and
                                      cfg.sdp_backend != "auto" else "")
         log.info(f"device: {self.device}  precision: {precision}  attention: {attention}  "
@@ -471,7 +496,8 @@ class Trainer:
         plans = self._epoch_plans(st.epoch)
         n_batches, n_proc = self._epoch_batch_count(st.epoch, plans), self.accelerator.num_processes
         bar.set_description(f"epoch {st.epoch + 1}/{cfg.max_epochs}")
-        for i, batch in enumerate(self._loader(plans, st.epoch, st.batches_done), start=st.batches_done):
+        batches = annotated(self._loader(plans, st.epoch, st.batches_done), PHASE_DATA)
+        for i, batch in enumerate(batches, start=st.batches_done):
             boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(plans)
             for path, reason in (batch or {}).get("skipped", []):
                 log.info(f"warning: skipped {path} at load time: {reason}")
@@ -492,17 +518,19 @@ class Trainer:
                 st.images_seen += len(batch["captions"])
             if not boundary:
                 continue
-            group_loss = self._agree_at_step(group_loss)  # N processes: one small all-reduce (see there)
-            norms = self._optimizer_step(group_loss)
-            group_loss = torch.zeros((), device=self.device)
-            if self.ema is not None:
-                self.ema.update(self.ema_params)
+            with torch.profiler.record_function(PHASE_OPTIMIZER):
+                group_loss = self._agree_at_step(group_loss)  # N processes: one small all-reduce (see there)
+                norms = self._optimizer_step(group_loss)
+                group_loss = torch.zeros((), device=self.device)
+                if self.ema is not None:
+                    self.ema.update(self.ema_params)
             st.batches_done = i + 1
             st.global_step += 1
             bar.update(1)
             if self.compile_seconds is None and self.cfg.torch_compile:
                 self._log_compile_time()
-            self._after_step(norms, window, bar)
+            with torch.profiler.record_function(PHASE_AFTER):
+                self._after_step(norms, window, bar)
             if self._finished() or self.stop_requested:
                 break
         if st.batches_done == len(plans):
@@ -592,6 +620,8 @@ class Trainer:
 
     def _micro_step(self, batch: dict, group_size: float, sync_grads: bool, weight: float = 1.0) -> torch.Tensor:
         cfg, sd = self.cfg, self.sd
+        phase = contextlib.ExitStack()   # the profiler's "forward" range; closed where the backward pass begins
+        phase.enter_context(torch.profiler.record_function(PHASE_FORWARD))
         if cfg.torch_compile and cfg.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()   # the last step's graph outputs may be overwritten now
         self.generator.manual_seed(batch_seed(cfg.seed, self.state.epoch, batch["position"]))
@@ -612,7 +642,7 @@ class Trainer:
         if not sync_grads and self.accelerator.num_processes > 1:
             for model in (m for m, t in ((self.unet, self.train_unet), (self.text_encoder, self.train_te)) if t):
                 no_sync.enter_context(self.accelerator.no_sync(model))
-        with no_sync:
+        with phase, no_sync:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 hidden = self._encode_captions(batch["captions"])
                 loss, _ = compute_loss(self.unet, self.noise_scheduler, latents, hidden, self.generator,
@@ -627,7 +657,9 @@ class Trainer:
             # Backward outside autocast (it reuses the forward's dtypes anyway), as torch recommends: leaving the
             # region frees autocast's cache of low-precision weight copies before the backward pass.
             # Micro-batches of one optimizer step are averaged, so grad_accum does not change the step size.
-            self.scaler.scale(loss / group_size if weight == 1.0 else loss * weight).backward()
+            phase.close()
+            with torch.profiler.record_function(PHASE_BACKWARD):
+                self.scaler.scale(loss / group_size if weight == 1.0 else loss * weight).backward()
         return loss.detach()
 
     @property

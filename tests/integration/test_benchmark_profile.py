@@ -10,6 +10,9 @@ def test_benchmark_profile_reports_time_by_category(tmp_path, capsys):
     profile = result["profile"]
     assert profile and all(isinstance(v, float) and v >= 0 for v in profile.values())
     assert list(profile.values()) == sorted(profile.values(), reverse=True)
+    from utils.trainer import PHASES   # the trainer's profiler ranges reach the report (GPU idle needs CUDA)
+    assert set(result["profile_host_ms"]) == set(PHASES) and all(v > 0 for v in result["profile_host_ms"].values())
+    assert "profile_idle" not in result
     lines = capsys.readouterr().out.strip().splitlines()
     assert "profile: CPU self time per step by category, over 2 steps" in lines
     assert any(line.startswith("top ") for line in lines)

@@ -230,6 +230,31 @@ def test_compile_memory_budget_reaches_the_partitioner_and_learns_the_same(plain
     assert "memory budget 0.3" in next(only_run(budget).glob("*.log")).read_text()
 
 
+def test_compile_layout_optimization_reaches_inductor_and_learns_the_same(plain_run, monkeypatch):
+    """Inductor reads its config when it compiles, at the first step: the backend sees the run's settings then
+    (size asserts always off when compiling, the layout optimization as asked); cleanup restores both. The
+    layout of a convolution changes no value (aot_eager: no C++ toolchain needed in CI)."""
+    import torch._inductor.config as inductor
+    from torch._dynamo.backends.registry import lookup_backend
+    seen = []
+
+    def spy(gm, example_inputs):
+        seen.append((inductor.force_layout_optimization, inductor.size_asserts))
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=spy))
+    before = (inductor.force_layout_optimization, inductor.size_asserts)
+    eager = plain_run("eager")
+    layout = plain_run("layout", torch_compile=True, compile_layout_optimization=True)
+    assert seen and set(seen) == {(True, False)}
+    seen.clear()
+    torch._dynamo.reset()   # else dynamo reuses the graph compiled for the same code in the run above
+    plain_run("compiled", torch_compile=True)
+    assert seen and set(seen) == {(False, False)}
+    assert (inductor.force_layout_optimization, inductor.size_asserts) == before   # restored by cleanup
+    assert losses(layout) == pytest.approx(losses(eager), rel=1e-4)
+    assert "convolutions channels-last" in next(only_run(layout).glob("*.log")).read_text()
+
+
 def test_overlap_optimizer_step_needs_the_fused_step_and_a_gpu(tiny_sd_folder, dataset, tmp_path, capsys):
     from utils.config import load_config
     from utils.config_schema import ConfigError

@@ -152,6 +152,28 @@ def test_profile_rows_count_each_kernel_once():
     assert _profile_rows(prof, cuda=False) == [("aten::add_", 9.0, 2)]
 
 
+def test_idle_by_phase_charges_gpu_gaps_to_what_the_host_was_doing():
+    from utils.benchmark import idle_by_phase
+    kernels = [(10e3, 40e3), (35e3, 60e3), (90e3, 100e3), (100e3, 120e3)]   # overlapping and touching (us)
+    phases = [("step: data", 0.0, 15e3), ("step: forward", 15e3, 70e3), ("step: optimizer", 80e3, 110e3)]
+    out = idle_by_phase(kernels, phases, start=0.0, steps=2)
+    # gaps 0-10 ms (data) and 60-90 (forward until 70, nothing 70-80, optimizer from 80); the window ends at 120
+    assert out == {"window_ms": 60.0, "gpu_busy_ms": 40.0, "gpu_idle_ms": 20.0,
+                   "idle_while_ms": {"step: data": 5.0, "step: forward": 5.0, "loop": 5.0, "step: optimizer": 5.0},
+                   "host_ms": {"step: data": 7.5, "step: forward": 27.5, "step: optimizer": 15.0}}
+    cpu_only = idle_by_phase([], phases, start=0.0, steps=1)   # no GPU: the window is the host's
+    assert cpu_only["window_ms"] == 110.0 and cpu_only["host_ms"]["step: forward"] == 55.0
+
+
+def test_annotated_yields_everything_inside_profiler_ranges():
+    import torch
+
+    from utils.trainer import annotated
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        assert list(annotated(iter([1, 2, 3]), "step: data")) == [1, 2, 3]
+    assert sum(e.name == "step: data" for e in prof.events()) == 4   # three items and the fetch that ended it
+
+
 def test_synthetic_data_folder_per_count_and_size(tmp_path):
     from utils.benchmark import synthetic_data_folder
     a = synthetic_data_folder(tmp_path, 3, (64, 64))

@@ -89,6 +89,8 @@ def test_cross_field_checks():
         load_config(["--resume_ckpt", "m", "--resolution", "500"])
     with pytest.raises(ConfigError, match="compile_blocks true needs torch_compile true"):
         load_config(["--resume_ckpt", "m", "--compile_blocks", "true"])
+    with pytest.raises(ConfigError, match="compile_layout_optimization true needs torch_compile true"):
+        load_config(["--resume_ckpt", "m", "--compile_layout_optimization", "true"])
     with pytest.raises(ConfigError, match="compile_memory_budget 0.5 needs torch_compile true"):
         load_config(["--resume_ckpt", "m", "--compile_memory_budget", "0.5"])
     with pytest.raises(ConfigError, match=r"compile_memory_budget. must be in \[0.0, 1.0\], got 1.5"):
