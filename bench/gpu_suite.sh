@@ -39,13 +39,14 @@ run() {
 }
 
 # prewarm NAME BENCHMARK...: compile one configuration in the background (two steps, its own workdir, no cap) so
-# that the timed row of the same configuration finds inductor's graph and kernel caches warm; `wait` before timing
+# that the timed row of the same configuration finds inductor's graph and kernel caches warm; `wait` before timing.
+# PREWARM_STEPS: warm-up steps before the one timed step (several bucket sizes: enough to meet each of them)
 prewarm() {
   local name=$1; shift
   [ "${PREWARM_S:-330}" = 0 ] && return   # PREWARM_S=0: the caches are warm from an earlier command on this machine
   echo "=== prewarm $name: $*"
   # KILL: the trainer takes SIGTERM as "stop after this step", and the first step is the compile (run 17 waited)
-  timeout -s KILL "${PREWARM_S:-330}" "$@" --workdir "/tmp/prewarm_$name" --steps 1 --warmup 1 --max_vram_gb 60 \
+  timeout -s KILL "${PREWARM_S:-330}" "$@" --workdir "/tmp/prewarm_$name" --steps 1 --warmup "${PREWARM_STEPS:-1}" --max_vram_gb 60 \
     > "$LOGS/prewarm_$name.log" 2>&1 &
 }
 
@@ -224,6 +225,63 @@ case "$suite" in
     run ours_b18_fast_layout_cap22 timeout -s KILL 420 $B --images 540 --workdir /tmp/b15 --batch_size 18 $FAST $TRITON --max_vram_gb 22
     run ours_b16_fast_layout_cudagraphs_cap22 timeout -s KILL 330 $B --images 480 --workdir /tmp/b15 --batch_size 16 $FAST $TRITON --compile_mode reduce-overhead --max_vram_gb 22
     ;;
+  speed12)  # issue 8: the host's launch time (run 17: the GPU busy 124 of 141.5 ms, waiting on the host in the
+            # compiled forward and backward). CUDA graphs remove it but do not fit 22 GiB at batch 16 (runs 14,
+            # 18): batches 14 and 12. The prewarms run uncapped, so their peaks show what the graphs need.
+    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --steps 20 --warmup 5"
+    FAST="--cache_latents true --torch_compile true --skip_nonfinite_steps false --channels_last false --compile_layout_optimization true"
+    TRITON="--optimizer_config examples/optimizer_24gb_fast.json"
+    prewarm cg14 $B --images 420 --batch_size 14 $FAST $TRITON --compile_mode reduce-overhead
+    prewarm cg12 $B --images 480 --batch_size 12 $FAST $TRITON --compile_mode reduce-overhead
+    wait
+    grep -h '^{' "$LOGS"/prewarm_*.log | cut -c1-300
+    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
+    run ours_b14_fast_layout_cudagraphs_cap22 $B --images 420 --workdir /tmp/b15 --batch_size 14 $FAST $TRITON --compile_mode reduce-overhead --max_vram_gb 22
+    run ours_b12_fast_layout_cudagraphs_cap22 $B --images 480 --workdir /tmp/b15 --batch_size 12 $FAST $TRITON --compile_mode reduce-overhead --max_vram_gb 22
+    ;;
+  speed12b)  # issue 8: run 19's second command, the same machine: run 17's best (batch 16, no graphs) beside
+             # CUDA graphs at batch 14 (its caches warm from speed12) and the reference loop
+    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --steps 20 --warmup 5"
+    FAST="--cache_latents true --torch_compile true --skip_nonfinite_steps false --channels_last false --compile_layout_optimization true"
+    TRITON="--optimizer_config examples/optimizer_24gb_fast.json"
+    prewarm b16 $B --images 480 --batch_size 16 $FAST $TRITON
+    wait
+    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
+    run ours_b16_fast_layout_cap22 $B --images 480 --workdir /tmp/b15 --batch_size 16 $FAST $TRITON --max_vram_gb 22
+    run ours_b14_fast_layout_cudagraphs_cap22 $B --images 420 --workdir /tmp/b15 --batch_size 14 $FAST $TRITON --compile_mode reduce-overhead --max_vram_gb 22
+    ;;
+  speed13)  # issue 8: inductor's C++ wrapper (the launches from C++, not Python) at batch 16, beside run 17's best.
+            # Its cold compile did not fit one command beside other rows (run 17): ROWS=0 compiles only (a
+            # first command); PREWARM_S=0 then times the rows on the same machine with the caches warm.
+    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --steps 20 --warmup 5"
+    FAST="--cache_latents true --torch_compile true --skip_nonfinite_steps false --channels_last false --compile_layout_optimization true"
+    TRITON="--optimizer_config examples/optimizer_24gb_fast.json"
+    CPP="env TORCHINDUCTOR_CPP_WRAPPER=1"
+    prewarm b16 $B --images 480 --batch_size 16 $FAST $TRITON
+    prewarm cpp16 $CPP $B --images 480 --batch_size 16 $FAST $TRITON
+    wait
+    grep -h '^{' "$LOGS"/prewarm_*.log | cut -c1-300
+    if [ "${ROWS:-1}" = 1 ]; then
+      run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
+      run ours_b16_fast_layout_cap22 $B --images 480 --workdir /tmp/b15 --batch_size 16 $FAST $TRITON --max_vram_gb 22
+      run ours_b16_fast_layout_cpp_cap22 $CPP $B --images 480 --workdir /tmp/b15 --batch_size 16 $FAST $TRITON --max_vram_gb 22
+    fi
+    ;;
+  speed14)  # issue 8: CUDA graphs as a user would meet them before they go into the 24 GB preset: three bucket
+            # sizes (each size records its own graphs; the second compiles once more, with dynamic sizes) and
+            # sample images every 10 steps (the sampler runs eagerly while the graphs keep their memory), beside
+            # the preset without graphs on the same data. The prewarms run enough steps to meet every bucket.
+    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --images 840 --image_size 512 512 --image_size 640 384 --image_size 384 640 --steps 30 --warmup 10"
+    FAST="--cache_latents true --torch_compile true --skip_nonfinite_steps false --channels_last false --compile_layout_optimization true"
+    TRITON="--optimizer_config examples/optimizer_24gb_fast.json"
+    PREWARM_STEPS=12 prewarm mixed16 $B --batch_size 16 $FAST $TRITON
+    PREWARM_STEPS=12 prewarm mixed14cg $B --batch_size 14 $FAST $TRITON --compile_mode reduce-overhead
+    wait
+    grep -h '^{' "$LOGS"/prewarm_*.log | cut -c1-300
+    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
+    run ours_b16_fast_layout_mixed_samples_cap22 $B --workdir /tmp/b15 --batch_size 16 $FAST $TRITON --sample_steps 10 --max_vram_gb 22
+    run ours_b14_fast_layout_cudagraphs_mixed_samples_cap22 $B --workdir /tmp/b15 --batch_size 14 $FAST $TRITON --compile_mode reduce-overhead --sample_steps 10 --max_vram_gb 22
+    ;;
   sd21_long)  # issue 8: SD2.1 768-v without compiling (eager, cached latents), then the long memory run without
               # compiling (bf16, grouped 8-bit step, cached latents, batch 8, LONG_STEPS), compared with an earlier
               # fp32 trace of the same data and seeds (FP32_TRACE)
@@ -251,6 +309,19 @@ case "$suite" in
     cp "$FP32_TRACE" "$OUT/loss_fp32.jsonl"
     run eager_triton_200_steps python3 -m utils.benchmark --arch sd15 --resolution 512 --workdir /tmp/b15 --images 480 --optimizer_config /tmp/opt_triton.json --batch_size 8 --cache_latents true --lr 1e-5 --log_every 1 --steps 195 --warmup 5 --loss_trace "$OUT/loss_triton.jsonl" --skip_nonfinite_steps false --max_vram_gb 22
     run loss_fp32_vs_triton python3 -m utils.benchmark compare "$OUT/loss_fp32.jsonl" "$OUT/loss_triton.jsonl" 200
+    ;;
+  learning_graphs)  # issue 8, run 19: learning unchanged with CUDA graphs and the layout optimization: 200 steps
+                    # at batch 8 in fp32 and with the fast settings, same data and seeds. No timing is read from
+                    # them, so the fp32 run starts first and the compile runs beside it (one command, not two).
+    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --workdir /tmp/b15 --images 480 --optimizer_config null --batch_size 8 --cache_latents true --lr 1e-5 --log_every 1 --steps 195 --warmup 5"
+    $B --loss_trace "$OUT/loss_fp32.jsonl" --mixed_precision no > "$LOGS/fp32_200_steps.log" 2>&1 &
+    sleep 50   # the fp32 run writes the shared latent cache first
+    run fast_graphs_200_steps timeout -s KILL 330 $B --loss_trace "$OUT/loss_fast.jsonl" --torch_compile true --channels_last false --compile_layout_optimization true --compile_mode reduce-overhead --skip_nonfinite_steps false
+    wait
+    json=$(grep '^{' "$LOGS/fp32_200_steps.log" | tail -1)
+    [ -z "$json" ] && json='{"rc": 1}'
+    printf '%s\t%s\n' fp32_200_steps "$json" >> "$RESULTS"
+    run loss_fp32_vs_fast python3 -m utils.benchmark compare "$OUT/loss_fp32.jsonl" "$OUT/loss_fast.jsonl" 200
     ;;
   *) echo "unknown suite $suite"; exit 2 ;;
 esac

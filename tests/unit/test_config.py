@@ -91,6 +91,13 @@ def test_cross_field_checks():
         load_config(["--resume_ckpt", "m", "--compile_blocks", "true"])
     with pytest.raises(ConfigError, match="compile_layout_optimization true needs torch_compile true"):
         load_config(["--resume_ckpt", "m", "--compile_layout_optimization", "true"])
+    with pytest.raises(ConfigError, match="compile_mode 'reduce-overhead' needs torch_compile true"):
+        load_config(["--resume_ckpt", "m", "--compile_mode", "reduce-overhead"])
+    with pytest.raises(ConfigError, match=r"compile_mode 'reduce-overhead' \(CUDA graphs\) needs grad_accum 1, got 2"):
+        load_config(["--resume_ckpt", "m", "--torch_compile", "true", "--compile_mode", "reduce-overhead",
+                     "--grad_accum", "2"])
+    assert load_config(["--resume_ckpt", "m", "--torch_compile", "true", "--compile_mode", "reduce-overhead"])[0] \
+        .compile_mode == "reduce-overhead"
     with pytest.raises(ConfigError, match="compile_memory_budget 0.5 needs torch_compile true"):
         load_config(["--resume_ckpt", "m", "--compile_memory_budget", "0.5"])
     with pytest.raises(ConfigError, match=r"compile_memory_budget. must be in \[0.0, 1.0\], got 1.5"):
