@@ -35,28 +35,30 @@ import time
 from pathlib import Path
 
 
-def write_synthetic_images(folder: Path, count: int, size: tuple[int, int]) -> None:
-    """Smooth random images saved as JPEG, so decoding costs what real photos cost."""
+def write_synthetic_images(folder: Path, count: int, sizes: list[tuple[int, int]]) -> None:
+    """Smooth random images saved as JPEG, so decoding costs what real photos cost; image i has size
+    sizes[i % len(sizes)] (several sizes: several aspect-ratio buckets)."""
     import numpy as np
     from PIL import Image
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    w, h = size
     for i in range(count):
+        w, h = sizes[i % len(sizes)]
         small = rng.integers(0, 255, (h // 32, w // 32, 3), dtype=np.uint8)
         img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
         img.save(folder / f"synthetic image {i}_{i}.jpg", quality=90)
 
 
-def synthetic_data_folder(work: Path, count: int, size: tuple[int, int]) -> Path:
-    """The synthetic images of one count and size in a --workdir, written once (to a temporary folder, then
-    renamed, so an interrupted write is never reused). A folder per count and size: a run with --images 480 must
-    not train on the 960 images an earlier run left in the same workdir (its losses would not be comparable)."""
-    data = work / f"data-{count}-{size[0]}x{size[1]}"
+def synthetic_data_folder(work: Path, count: int, sizes: list[tuple[int, int]]) -> Path:
+    """The synthetic images of one count and set of sizes in a --workdir, written once (to a temporary folder,
+    then renamed, so an interrupted write is never reused). A folder per count and sizes: a run with --images 480
+    must not train on the 960 images an earlier run left in the same workdir (its losses would not be
+    comparable)."""
+    data = work / ("data-" + "-".join([str(count)] + [f"{w}x{h}" for w, h in sizes]))
     if not data.exists():
         tmp = data.with_name(data.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        write_synthetic_images(tmp, count, size)
+        write_synthetic_images(tmp, count, sizes)
         tmp.rename(data)
     return data
 
@@ -74,8 +76,9 @@ def run(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data_only", action="store_true",
                     help="time the data pipeline alone (decode, crop, resize, collate) with --num_workers workers")
     ap.add_argument("--num_workers", type=int, default=None)
-    ap.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("W", "H"),
-                    help="synthetic JPEG size (default: resolution x resolution)")
+    ap.add_argument("--image_size", type=int, nargs=2, action="append", default=None, metavar=("W", "H"),
+                    help="synthetic JPEG size (default: resolution x resolution); repeat it for several sizes, "
+                         "the images taking them in turn (several aspect-ratio buckets)")
     ap.add_argument("--log_every", type=int, default=None, help="log (and trace memory) every N steps")
     ap.add_argument("--loss_trace", default=None, help="write the logged losses here as JSON lines")
     ap.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU "
@@ -99,7 +102,8 @@ def run(argv: list[str] | None = None) -> dict:
     log_every = args.log_every or args.warmup
     if args.profile:  # the timed and the profiled window must start and end on a log step (the hook)
         log_every = math.gcd(log_every, args.warmup, args.steps, args.profile)
-    data = synthetic_data_folder(work, n_images, tuple(args.image_size or (args.resolution, args.resolution)))
+    sizes = [tuple(size) for size in args.image_size or [(args.resolution, args.resolution)]]
+    data = synthetic_data_folder(work, n_images, sizes)
     if args.data_only:
         return _time_data_pipeline(data, args)
     timed_end = args.warmup + args.steps

@@ -20,3 +20,14 @@ def test_benchmark_profile_reports_time_by_category(tmp_path, capsys):
     # the profiled steps ran after the timed ones: warm-up 1 + timed 3 + profiled 2
     rows = [json.loads(line) for f in tmp_path.glob("logs/*/metrics.jsonl") for line in f.read_text().splitlines()]
     assert max(row["step"] for row in rows) == 6
+
+
+def test_benchmark_with_several_image_sizes_trains_several_buckets(tmp_path):
+    from utils.benchmark import run
+    result = run(["--arch", "tiny-sd", "--resolution", "128", "--batch_size", "2", "--steps", "3", "--warmup", "1",
+                  "--images", "8", "--image_size", "128", "128", "--image_size", "192", "96",
+                  "--workdir", str(tmp_path), "--num_workers", "0", "--write_schedule", "true"])
+    assert result["images_per_s"] > 0
+    schedules = list(tmp_path.glob("logs/*/ep0_batch_schedule.txt"))
+    sizes = {line.split("\t")[1] for line in schedules[0].read_text().splitlines()[1:]}
+    assert len(sizes) == 2, sizes

@@ -176,9 +176,22 @@ def test_annotated_yields_everything_inside_profiler_ranges():
 
 def test_synthetic_data_folder_per_count_and_size(tmp_path):
     from utils.benchmark import synthetic_data_folder
-    a = synthetic_data_folder(tmp_path, 3, (64, 64))
-    b = synthetic_data_folder(tmp_path, 5, (64, 64))
+    a = synthetic_data_folder(tmp_path, 3, [(64, 64)])
+    b = synthetic_data_folder(tmp_path, 5, [(64, 64)])
     assert a != b and len(list(a.iterdir())) == 3 and len(list(b.iterdir())) == 5
     stamp = a.stat().st_mtime_ns
-    assert synthetic_data_folder(tmp_path, 3, (64, 64)) == a and a.stat().st_mtime_ns == stamp   # reused
+    assert synthetic_data_folder(tmp_path, 3, [(64, 64)]) == a and a.stat().st_mtime_ns == stamp   # reused
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_synthetic_data_folder_takes_several_sizes_in_turn(tmp_path):
+    from PIL import Image
+    from utils.benchmark import synthetic_data_folder
+    one = synthetic_data_folder(tmp_path, 4, [(64, 64)])
+    mixed = synthetic_data_folder(tmp_path, 4, [(64, 64), (96, 32)])
+    assert mixed != one
+    sizes = {}
+    for path in mixed.iterdir():
+        with Image.open(path) as img:
+            sizes[img.size] = sizes.get(img.size, 0) + 1
+    assert sizes == {(64, 64): 2, (96, 32): 2}
