@@ -333,7 +333,8 @@ rows = [line.rstrip("\n").split("\t", 1) for line in open(sys.argv[1]) if line.s
 print(f"\n{'run':<38}{'images/s':>9}{'step ms':>9}{'peak GiB':>9}{'reserved':>9}{'MFU':>7}{'compile s':>10}")
 for name, js in rows:
     d = json.loads(js)
-    peak = d.get("peak_allocated_gib", d.get("peak_gib", ""))
+    # CUDA graphs allocate when they record, in the warm-up: the larger of the two peaks
+    peak = max(d.get("peak_allocated_gib", d.get("peak_gib", 0)) or 0, d.get("warmup_peak_allocated_gib", 0)) or ""
     ips = d.get("images_per_s", "OOM" if d.get("oom") else f"rc {d.get('rc', '?')}")
     print(f"{name:<38}{str(ips):>9}{str(d.get('step_ms', '')):>9}{str(peak):>9}"
           f"{str(d.get('peak_reserved_gib', d.get('reserved_gib', ''))):>9}{str(d.get('mfu', '')):>7}"
