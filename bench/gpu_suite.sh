@@ -50,6 +50,13 @@ prewarm() {
     > "$LOGS/prewarm_$name.log" 2>&1 &
 }
 
+# SD1.5 at 512 px with run 17's best settings (issue 8), where the suites from speed11 on start
+run17_settings() {
+  B="python3 -m utils.benchmark --arch sd15 --resolution 512 --steps 20 --warmup 5"
+  FAST="--cache_latents true --torch_compile true --skip_nonfinite_steps false --channels_last false --compile_layout_optimization true"
+  TRITON="--optimizer_config examples/optimizer_24gb_fast.json"
+}
+
 suite=${1:-e2e}
 case "$suite" in
   e2e)   # issue 2: quickstart on the GPU, then SD1.5 at 512 px, batch 6, fp16 + AdamW8bit, ours beside the reference
@@ -215,9 +222,7 @@ case "$suite" in
             # forced: its own rule skips the UNet) with the weights contiguous; size asserts are off when compiling.
             # Run 17 set the same two inductor settings through TORCHINDUCTOR_FORCE_LAYOUT_OPT=1 and
             # TORCHINDUCTOR_SIZE_ASSERTS=0, before the option existed. Then batch 18, and CUDA graphs at batch 16.
-    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --steps 20 --warmup 5"
-    FAST="--cache_latents true --torch_compile true --skip_nonfinite_steps false --channels_last false --compile_layout_optimization true"
-    TRITON="--optimizer_config examples/optimizer_24gb_fast.json"
+    run17_settings
     prewarm layout $B --images 480 --batch_size 16 $FAST $TRITON
     wait
     run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
@@ -228,9 +233,7 @@ case "$suite" in
   speed12)  # issue 8: the host's launch time (run 17: the GPU busy 124 of 141.5 ms, waiting on the host in the
             # compiled forward and backward). CUDA graphs remove it but do not fit 22 GiB at batch 16 (runs 14,
             # 18): batches 14 and 12. The prewarms run uncapped, so their peaks show what the graphs need.
-    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --steps 20 --warmup 5"
-    FAST="--cache_latents true --torch_compile true --skip_nonfinite_steps false --channels_last false --compile_layout_optimization true"
-    TRITON="--optimizer_config examples/optimizer_24gb_fast.json"
+    run17_settings
     prewarm cg14 $B --images 420 --batch_size 14 $FAST $TRITON --compile_mode reduce-overhead
     prewarm cg12 $B --images 480 --batch_size 12 $FAST $TRITON --compile_mode reduce-overhead
     wait
@@ -241,9 +244,7 @@ case "$suite" in
     ;;
   speed12b)  # issue 8: run 19's second command, the same machine: run 17's best (batch 16, no graphs) beside
              # CUDA graphs at batch 14 (its caches warm from speed12) and the reference loop
-    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --steps 20 --warmup 5"
-    FAST="--cache_latents true --torch_compile true --skip_nonfinite_steps false --channels_last false --compile_layout_optimization true"
-    TRITON="--optimizer_config examples/optimizer_24gb_fast.json"
+    run17_settings
     prewarm b16 $B --images 480 --batch_size 16 $FAST $TRITON
     wait
     run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
@@ -253,9 +254,7 @@ case "$suite" in
   speed13)  # issue 8: inductor's C++ wrapper (the launches from C++, not Python) at batch 16, beside run 17's best.
             # Its cold compile did not fit one command beside other rows (run 17): ROWS=0 compiles only (a
             # first command); PREWARM_S=0 then times the rows on the same machine with the caches warm.
-    B="python3 -m utils.benchmark --arch sd15 --resolution 512 --steps 20 --warmup 5"
-    FAST="--cache_latents true --torch_compile true --skip_nonfinite_steps false --channels_last false --compile_layout_optimization true"
-    TRITON="--optimizer_config examples/optimizer_24gb_fast.json"
+    run17_settings
     CPP="env TORCHINDUCTOR_CPP_WRAPPER=1"
     prewarm b16 $B --images 480 --batch_size 16 $FAST $TRITON
     prewarm cpp16 $CPP $B --images 480 --batch_size 16 $FAST $TRITON
@@ -271,9 +270,8 @@ case "$suite" in
             # sizes (each size records its own graphs; the second compiles once more, with dynamic sizes) and
             # sample images every 10 steps (the sampler runs eagerly while the graphs keep their memory), beside
             # the preset without graphs on the same data. The prewarms run enough steps to meet every bucket.
+    run17_settings
     B="python3 -m utils.benchmark --arch sd15 --resolution 512 --images 840 --image_size 512 512 --image_size 640 384 --image_size 384 640 --steps 30 --warmup 10"
-    FAST="--cache_latents true --torch_compile true --skip_nonfinite_steps false --channels_last false --compile_layout_optimization true"
-    TRITON="--optimizer_config examples/optimizer_24gb_fast.json"
     PREWARM_STEPS=12 prewarm mixed16 $B --batch_size 16 $FAST $TRITON
     PREWARM_STEPS=12 prewarm mixed14cg $B --batch_size 14 $FAST $TRITON --compile_mode reduce-overhead
     wait
