@@ -269,16 +269,20 @@ case "$suite" in
   speed14)  # issue 8: CUDA graphs as a user would meet them before they go into the 24 GB preset: three bucket
             # sizes (each size records its own graphs; the second compiles once more, with dynamic sizes) and
             # sample images every 10 steps (the sampler runs eagerly while the graphs keep their memory), beside
-            # the preset without graphs on the same data. The prewarms run enough steps to meet every bucket.
+            # the preset without graphs on the same data. The prewarms run enough steps to meet every bucket;
+            # two compiles each (static, then dynamic sizes), so as speed13: ROWS=0 first, then PREWARM_S=0.
+            # The timed steps include the samples: compare the two rows with each other only.
     run17_settings
     B="python3 -m utils.benchmark --arch sd15 --resolution 512 --images 840 --image_size 512 512 --image_size 640 384 --image_size 384 640 --steps 30 --warmup 10"
     PREWARM_STEPS=12 prewarm mixed16 $B --batch_size 16 $FAST $TRITON
     PREWARM_STEPS=12 prewarm mixed14cg $B --batch_size 14 $FAST $TRITON --compile_mode reduce-overhead
     wait
     grep -h '^{' "$LOGS"/prewarm_*.log | cut -c1-300
-    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
-    run ours_b16_fast_layout_mixed_samples_cap22 $B --workdir /tmp/b15 --batch_size 16 $FAST $TRITON --sample_steps 10 --max_vram_gb 22
-    run ours_b14_fast_layout_cudagraphs_mixed_samples_cap22 $B --workdir /tmp/b15 --batch_size 14 $FAST $TRITON --compile_mode reduce-overhead --sample_steps 10 --max_vram_gb 22
+    if [ "${ROWS:-1}" = 1 ]; then
+      run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
+      run ours_b16_fast_layout_mixed_samples_cap22 $B --workdir /tmp/b15 --batch_size 16 $FAST $TRITON --sample_steps 10 --max_vram_gb 22
+      run ours_b14_fast_layout_cudagraphs_mixed_samples_cap22 $B --workdir /tmp/b15 --batch_size 14 $FAST $TRITON --compile_mode reduce-overhead --sample_steps 10 --max_vram_gb 22
+    fi
     ;;
   sd21_long)  # issue 8: SD2.1 768-v without compiling (eager, cached latents), then the long memory run without
               # compiling (bf16, grouped 8-bit step, cached latents, batch 8, LONG_STEPS), compared with an earlier
