@@ -284,6 +284,30 @@ case "$suite" in
       run ours_b14_fast_layout_cudagraphs_mixed_samples_cap22 $B --workdir /tmp/b15 --batch_size 14 $FAST $TRITON --compile_mode reduce-overhead --sample_steps 10 --max_vram_gb 22
     fi
     ;;
+  speed15)  # issue 8: where the step's time goes with CUDA graphs (run 19: 124.4 ms at batch 14, against about
+            # 110 ms of GPU work estimated from run 17's profile): batch 14 with graphs profiled (GPU busy, idle by
+            # host phase; every row counts its host syncs), and batch 15 with graphs under the cap
+    run17_settings
+    GRAPHS="--compile_mode reduce-overhead"
+    prewarm cg14 $B --images 420 --batch_size 14 $FAST $TRITON $GRAPHS
+    prewarm cg15 $B --images 450 --batch_size 15 $FAST $TRITON $GRAPHS
+    wait
+    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
+    run ours_b14_fast_layout_cudagraphs_profile_cap22 $B --images 420 --workdir /tmp/b15 --batch_size 14 $FAST $TRITON $GRAPHS --max_vram_gb 22 --profile 5
+    run ours_b15_fast_layout_cudagraphs_cap22 $B --images 450 --workdir /tmp/b15 --batch_size 15 $FAST $TRITON $GRAPHS --max_vram_gb 22
+    ;;
+  speed16)  # issue 8: batch 15 with CUDA graphs made 119.3 images/s at 21.52 GiB reserved (run 20); batch 16
+            # with graphs needs about 22.3 GiB: here with the compiled backward recomputing the cheapest tenth of
+            # the activations (compile_memory_budget 0.9), beside batch 15 again
+    run17_settings
+    GRAPHS="--compile_mode reduce-overhead"
+    prewarm cg15 $B --images 450 --batch_size 15 $FAST $TRITON $GRAPHS
+    prewarm cg16mb $B --images 480 --batch_size 16 $FAST $TRITON $GRAPHS --compile_memory_budget 0.9
+    wait
+    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
+    run ours_b15_fast_layout_cudagraphs_cap22 $B --images 450 --workdir /tmp/b15 --batch_size 15 $FAST $TRITON $GRAPHS --max_vram_gb 22
+    run ours_b16_fast_layout_cudagraphs_budget09_cap22 $B --images 480 --workdir /tmp/b15 --batch_size 16 $FAST $TRITON $GRAPHS --compile_memory_budget 0.9 --max_vram_gb 22
+    ;;
   sd21_long)  # issue 8: SD2.1 768-v without compiling (eager, cached latents), then the long memory run without
               # compiling (bf16, grouped 8-bit step, cached latents, batch 8, LONG_STEPS), compared with an earlier
               # fp32 trace of the same data and seeds (FP32_TRACE)
@@ -332,7 +356,8 @@ tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
 python3 - "$RESULTS" <<'PY'
 import json, sys
 rows = [line.rstrip("\n").split("\t", 1) for line in open(sys.argv[1]) if line.strip()]
-print(f"\n{'run':<38}{'images/s':>9}{'step ms':>9}{'peak GiB':>9}{'reserved':>9}{'MFU':>7}{'compile s':>10}")
+print(f"\n{'run':<38}{'images/s':>9}{'step ms':>9}{'peak GiB':>9}{'reserved':>9}{'MFU':>7}{'compile s':>10}"
+      f"{'syncs':>6}")
 for name, js in rows:
     d = json.loads(js)
     # CUDA graphs allocate when they record, in the warm-up: the larger of the two peaks
@@ -340,5 +365,5 @@ for name, js in rows:
     ips = d.get("images_per_s", "OOM" if d.get("oom") else f"rc {d.get('rc', '?')}")
     print(f"{name:<38}{str(ips):>9}{str(d.get('step_ms', '')):>9}{str(peak):>9}"
           f"{str(d.get('peak_reserved_gib', d.get('reserved_gib', ''))):>9}{str(d.get('mfu', '')):>7}"
-          f"{str(d.get('compile_s') or ''):>10}")
+          f"{str(d.get('compile_s') or ''):>10}{str(sum(d.get('host_syncs', {}).values()) if 'host_syncs' in d else ''):>6}")
 PY

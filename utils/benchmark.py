@@ -19,6 +19,10 @@ run (one compile) gives both the speed and the profile. While profiling, the log
 warmup, steps, N), so that both windows start and end on a log step (with --loss_trace, the trace then has more
 rows). Keep N small (3-5): an SD step launches thousands of kernels, and the profiler's trace and its summary
 grow with them.
+
+On CUDA the timed steps run under torch.cuda.set_sync_debug_mode("warn"): every operation that makes the host
+wait for the GPU is counted by the line of code that called it ("host_syncs": {file:line: count}). A step should
+have none; the logging steps' one .item() (utils/trainer.py) is expected.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 
@@ -118,6 +123,7 @@ def run(argv: list[str] | None = None) -> dict:
     trainer = Trainer(cfg)
     cuda = torch.cuda.is_available()
     prof = {}  # --profile: the profiler ("p") and the log steps where it started and stopped
+    syncs = {}  # CUDA: the warnings of set_sync_debug_mode over the timed steps ("caught": the context, "records")
     try:
         t_setup = time.perf_counter()
         trainer.setup()
@@ -135,6 +141,12 @@ def run(argv: list[str] | None = None) -> dict:
                 # so the timed steps' peak misses it: keep the warm-up's peak as well
                 warmup_peak["allocated"] = torch.cuda.max_memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
+                syncs["caught"] = warnings.catch_warnings(record=True)
+                syncs["records"] = syncs["caught"].__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            if step == timed_end and "caught" in syncs:
+                _stop_counting_syncs(torch, syncs)
             if args.profile and "start" not in prof and step >= timed_end:
                 activities = [torch.profiler.ProfilerActivity.CPU] + (
                     [torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -150,6 +162,8 @@ def run(argv: list[str] | None = None) -> dict:
     except torch.OutOfMemoryError:  # in setup; the loop catches its own and returns 1
         trainer.out_of_memory, code = True, 1
     finally:
+        if "caught" in syncs and "done" not in syncs:  # the run ended early
+            _stop_counting_syncs(torch, syncs)
         if "start" in prof and "stop" not in prof:  # the run ended early
             prof["p"].stop()
             prof["stop"] = max(timings, default=prof["start"])
@@ -174,6 +188,9 @@ def run(argv: list[str] | None = None) -> dict:
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         result["warmup_peak_allocated_gib"] = round(warmup_peak.get("allocated", 0) / 2**30, 2)
+        result["host_syncs"] = sync_sites(syncs.get("records", []))
+        # the allocator freed its cache and retried an allocation (a sync each time): the cap is too tight
+        result["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     result.update(_flop_figures(trainer, images_per_s, args.peak_tflops, work))
     result.update(_memory_growth(memory, marks))
     if args.loss_trace:
@@ -336,6 +353,23 @@ def _print_profile(by_category: dict, top: list, steps: int, device: str) -> Non
     for name, ms, calls, cat in top:
         print(f"  {ms:9.3f} {calls:10.2f}  {cat:<11} {name}")
     sys.stdout.flush()
+
+
+def _stop_counting_syncs(torch, syncs: dict) -> None:
+    torch.cuda.set_sync_debug_mode(0)
+    syncs["caught"].__exit__(None, None, None)
+    syncs["done"] = True
+
+
+def sync_sites(records: list) -> dict[str, int]:
+    """{"file:line": count} of set_sync_debug_mode's warnings (each names the Python line that made the host
+    wait), most frequent first; other warnings are left out."""
+    counts: dict[str, int] = {}
+    for w in records:
+        if "synchronizing" in str(w.message):
+            site = f"{Path(w.filename).name}:{w.lineno}"
+            counts[site] = counts.get(site, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _host_rss() -> int:

@@ -645,8 +645,10 @@ class Trainer:
         with phase, no_sync:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 hidden = self._encode_captions(batch["captions"])
+                # non_blocking: a blocking copy would make the host wait here for the GPU, every step
+                loss_scale = batch["loss_scale"].to(self.device, non_blocking=True)
                 loss, _ = compute_loss(self.unet, self.noise_scheduler, latents, hidden, self.generator,
-                                       self.loss_settings, loss_scale=batch["loss_scale"], pixel_weight=pixel_weight)
+                                       self.loss_settings, loss_scale=loss_scale, pixel_weight=pixel_weight)
             if cfg.fused_backward_pass:  # the backward pass steps the weights: decide before it
                 self.backward_skipped = cfg.skip_nonfinite_steps and not bool(torch.isfinite(loss))
                 if self.backward_skipped:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from utils.benchmark import _memory_growth, compare_main, loss_agreement
+from utils.benchmark import _memory_growth, compare_main, loss_agreement, sync_sites
 from utils.flops import peak_tflops, training_flops_per_image
 
 
@@ -195,3 +195,18 @@ def test_synthetic_data_folder_takes_several_sizes_in_turn(tmp_path):
         with Image.open(path) as img:
             sizes[img.size] = sizes.get(img.size, 0) + 1
     assert sizes == {(64, 64): 2, (96, 32): 2}
+
+
+def test_sync_sites_count_the_lines_that_made_the_host_wait():
+    import warnings
+
+    def record(message, filename, lineno):
+        return warnings.WarningMessage(message, UserWarning, filename, lineno)
+
+    records = [record("called a synchronizing CUDA operation", "/x/utils/trainer.py", 751),
+               record("some other warning", "/x/utils/step.py", 3),
+               record("called a synchronizing CUDA operation", "/x/utils/step.py", 55),
+               record("called a synchronizing CUDA operation", "/x/utils/step.py", 55)]
+    assert sync_sites(records) == {"step.py:55": 2, "trainer.py:751": 1}
+    assert list(sync_sites(records)) == ["step.py:55", "trainer.py:751"]
+    assert sync_sites([]) == {}
