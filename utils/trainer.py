@@ -869,8 +869,19 @@ class Trainer:
         if not self.is_main:
             return
         self.sample_source.reload(lambda msg: log.info(f"warning: {msg}"))  # edits apply; a broken file keeps the last
-        with eval_weights(self.parts):
-            self._sample_all()
+        try:
+            with eval_weights(self.parts):
+                self._sample_all()
+            return
+        except torch.OutOfMemoryError:
+            pass  # handled below, once the exception's frames (and the tensors they hold) are gone
+        # A preview must not end the run: the step keeps its memory while sampling (with compile_mode
+        # reduce-overhead the CUDA graphs' pool), so what is left may not hold the sampler's
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info(f"warning: sampling at step {self.state.global_step} ran out of GPU memory and was skipped; "
+                 f"training goes on. For samples, lower batch_size or the image size in the sample prompts file "
+                 f"({self.cfg.sample_prompts}), or the training batch_size (now {self.cfg.batch_size})")
 
 
     def _sample_with_current_weights(self, prefix: str) -> None:

@@ -87,3 +87,23 @@ def test_samples_and_validation_do_not_change_the_trained_weights(tiny_sd_folder
     from PIL import Image
     assert {Image.open(g).size for g in grids} == {(2 * 32, 32), (2 * 48, 32)}     # a column per CFG
     assert (grids[0].with_suffix(".txt")).exists()
+
+
+def test_sampling_out_of_memory_skips_the_samples_and_training_goes_on(tiny_sd_folder, data, tmp_path, monkeypatch):
+    import utils.trainer as trainer_module
+    real_generate, calls = trainer_module.generate, []
+
+    def generate_once_out_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "generate", generate_once_out_of_memory)
+    trainer = run(monkeypatch, base_args(tiny_sd_folder, data, tmp_path / "logs", max_epochs=1, log_step=100,
+                                         sample_steps=2, sample_prompts=quick_prompts(tmp_path)))
+    run_log = (trainer.run_dir / f"{trainer.run_dir.name}.log").read_text()
+    assert "sampling at step 2 ran out of GPU memory and was skipped" in run_log
+    assert not trainer.out_of_memory
+    steps = {int(g.stem.split("-")[0].lstrip("gs")) for g in (trainer.run_dir / "samples").glob("*.jpg")}
+    assert 2 not in steps and trainer.total_steps in steps and len(calls) >= 2
