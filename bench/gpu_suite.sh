@@ -298,7 +298,7 @@ case "$suite" in
     ;;
   speed16)  # issue 8: batch 15 with CUDA graphs made 119.3 images/s at 21.52 GiB reserved (run 20); batch 16
             # with graphs needs about 22.3 GiB: here with the compiled backward recomputing the cheapest tenth of
-            # the activations (compile_memory_budget 0.9), beside batch 15 again
+            # the activations (compile_memory_budget 0.9), beside batch 15 again; then batch 15 with samples
     run17_settings
     GRAPHS="--compile_mode reduce-overhead"
     prewarm cg15 $B --images 450 --batch_size 15 $FAST $TRITON $GRAPHS
@@ -307,6 +307,10 @@ case "$suite" in
     run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
     run ours_b15_fast_layout_cudagraphs_cap22 $B --images 450 --workdir /tmp/b15 --batch_size 15 $FAST $TRITON $GRAPHS --max_vram_gb 22
     run ours_b16_fast_layout_cudagraphs_budget09_cap22 $B --images 480 --workdir /tmp/b15 --batch_size 16 $FAST $TRITON $GRAPHS --compile_memory_budget 0.9 --max_vram_gb 22
+    # samples (the default: training captions at 512 px, 30 steps, eager) every 5 steps beside batch 15's graphs:
+    # do they fit what the graphs leave under the cap? (not timed: the samples are inside the steps)
+    run ours_b15_cudagraphs_samples_cap22 $B --images 450 --workdir /tmp/b15 --batch_size 15 $FAST $TRITON $GRAPHS --max_vram_gb 22 --steps 10 --sample_steps 5
+    grep -c "ran out of GPU memory" "$LOGS/ours_b15_cudagraphs_samples_cap22.log"; grep -m3 -E "sampl" "$LOGS/ours_b15_cudagraphs_samples_cap22.log" | cut -c1-200
     ;;
   sd21_long)  # issue 8: SD2.1 768-v without compiling (eager, cached latents), then the long memory run without
               # compiling (bf16, grouped 8-bit step, cached latents, batch 8, LONG_STEPS), compared with an earlier
