@@ -296,9 +296,9 @@ case "$suite" in
     run ours_b14_fast_layout_cudagraphs_profile_cap22 $B --images 420 --workdir /tmp/b15 --batch_size 14 $FAST $TRITON $GRAPHS --max_vram_gb 22 --profile 5
     run ours_b15_fast_layout_cudagraphs_cap22 $B --images 450 --workdir /tmp/b15 --batch_size 15 $FAST $TRITON $GRAPHS --max_vram_gb 22
     ;;
-  speed16)  # issue 8: batch 15 with CUDA graphs made 119.3 images/s at 21.52 GiB reserved (run 20); batch 16
-            # with graphs needs about 22.3 GiB: here with the compiled backward recomputing the cheapest tenth of
-            # the activations (compile_memory_budget 0.9), beside batch 15 again; then batch 15 with samples
+  speed16)  # issue 8: batch 15 with CUDA graphs made 119.3 images/s at 21.52 GiB reserved (run 20): again,
+            # beside the reference; then with samples; last batch 16 with graphs, which needs about 22.3 GiB, with
+            # the compiled backward recomputing the cheapest tenth of the activations (compile_memory_budget 0.9)
     run17_settings
     GRAPHS="--compile_mode reduce-overhead"
     prewarm cg15 $B --images 450 --batch_size 15 $FAST $TRITON $GRAPHS
