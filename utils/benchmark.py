@@ -22,7 +22,7 @@ grow with them.
 
 On CUDA the timed steps run under torch.cuda.set_sync_debug_mode("warn"): every operation that makes the host
 wait for the GPU is counted by the line of code that called it ("host_syncs": {file:line: count}). A step should
-have none; the logging steps' one .item() (utils/trainer.py) is expected.
+have none; the logging steps' reads of the loss and gradient norms (utils/trainer.py) are expected.
 """
 from __future__ import annotations
 

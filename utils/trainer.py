@@ -879,8 +879,8 @@ class Trainer:
         # reduce-overhead the CUDA graphs' pool), so what is left may not hold the sampler's
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        log.info(f"warning: sampling at step {self.state.global_step} ran out of GPU memory and was skipped; "
-                 f"training goes on. For samples, lower batch_size or the image size in the sample prompts file "
+        log.info(f"warning: sampling at step {self.state.global_step} ran out of GPU memory and was skipped "
+                 f"(training is not affected). For samples, lower batch_size or the image size in the sample prompts file "
                  f"({self.cfg.sample_prompts}), or the training batch_size (now {self.cfg.batch_size})")
 
 
