@@ -27,6 +27,7 @@ have none; the logging steps' reads of the loss and gradient norms (utils/traine
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -123,7 +124,7 @@ def run(argv: list[str] | None = None) -> dict:
     trainer = Trainer(cfg)
     cuda = torch.cuda.is_available()
     prof = {}  # --profile: the profiler ("p") and the log steps where it started and stopped
-    syncs = {}  # CUDA: the warnings of set_sync_debug_mode over the timed steps ("caught": the context, "records")
+    sync_watch, sync_records = contextlib.ExitStack(), []  # CUDA: set_sync_debug_mode's warnings, timed steps
     try:
         t_setup = time.perf_counter()
         trainer.setup()
@@ -131,6 +132,7 @@ def run(argv: list[str] | None = None) -> dict:
         timings, memory, warmup_peak = {}, {}, {}
 
         def on_log(step: int) -> None:  # called at each log step; steps warmup..warmup+steps are timed, then profiled
+            nonlocal sync_records
             if cuda:
                 torch.cuda.synchronize()
             timings[step] = time.perf_counter()
@@ -141,12 +143,12 @@ def run(argv: list[str] | None = None) -> dict:
                 # so the timed steps' peak misses it: keep the warm-up's peak as well
                 warmup_peak["allocated"] = torch.cuda.max_memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-                syncs["caught"] = warnings.catch_warnings(record=True)
-                syncs["records"] = syncs["caught"].__enter__()
+                sync_records = sync_watch.enter_context(warnings.catch_warnings(record=True))
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
-            if step == timed_end and "caught" in syncs:
-                _stop_counting_syncs(torch, syncs)
+                sync_watch.callback(torch.cuda.set_sync_debug_mode, 0)
+            if step == timed_end:
+                sync_watch.close()
             if args.profile and "start" not in prof and step >= timed_end:
                 activities = [torch.profiler.ProfilerActivity.CPU] + (
                     [torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -162,8 +164,7 @@ def run(argv: list[str] | None = None) -> dict:
     except torch.OutOfMemoryError:  # in setup; the loop catches its own and returns 1
         trainer.out_of_memory, code = True, 1
     finally:
-        if "caught" in syncs and "done" not in syncs:  # the run ended early
-            _stop_counting_syncs(torch, syncs)
+        sync_watch.close()  # the run ended early (otherwise closed already)
         if "start" in prof and "stop" not in prof:  # the run ended early
             prof["p"].stop()
             prof["stop"] = max(timings, default=prof["start"])
@@ -188,7 +189,7 @@ def run(argv: list[str] | None = None) -> dict:
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         result["warmup_peak_allocated_gib"] = round(warmup_peak.get("allocated", 0) / 2**30, 2)
-        result["host_syncs"] = sync_sites(syncs.get("records", []))
+        result["host_syncs"] = sync_sites(sync_records)
         # the allocator freed its cache and retried an allocation (a sync each time): the cap is too tight
         result["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     result.update(_flop_figures(trainer, images_per_s, args.peak_tflops, work))
@@ -353,12 +354,6 @@ def _print_profile(by_category: dict, top: list, steps: int, device: str) -> Non
     for name, ms, calls, cat in top:
         print(f"  {ms:9.3f} {calls:10.2f}  {cat:<11} {name}")
     sys.stdout.flush()
-
-
-def _stop_counting_syncs(torch, syncs: dict) -> None:
-    torch.cuda.set_sync_debug_mode(0)
-    syncs["caught"].__exit__(None, None, None)
-    syncs["done"] = True
 
 
 def sync_sites(records: list) -> dict[str, int]:
