@@ -325,6 +325,14 @@ case "$suite" in
     run ours_b16_fast_layout_cudagraphs_budget097_cap22 $B --images 480 --workdir /tmp/b15 --batch_size 16 $FAST $TRITON $GRAPHS --compile_memory_budget 0.97 --max_vram_gb 22
     run ours_b16_fast_layout_cudagraphs_budget095_cap22 $B --images 480 --workdir /tmp/b15 --batch_size 16 $FAST $TRITON $GRAPHS --compile_memory_budget 0.95 --max_vram_gb 22
     ;;
+  kernel_bound)  # issue 8: our 8-bit kernel with each bucket's midpoint in a second table (loaded beside the code
+                 # instead of after it) against the kernel before (a copy in .bench_ref/old: the previous commit's
+                 # optimizer/, utils/ and bench/kernel8bit_check.py), alternating, on SD1.5's shapes (contiguous)
+    for k in 1 2; do
+      run kernel_before_$k python3 .bench_ref/old/bench/kernel8bit_check.py --channels_last 0 --steps 40 --drift_steps 10
+      run kernel_bound_$k python3 bench/kernel8bit_check.py --channels_last 0 --steps 40 --drift_steps 10
+    done
+    ;;
   sd21_long)  # issue 8: SD2.1 768-v without compiling (eager, cached latents), then the long memory run without
               # compiling (bf16, grouped 8-bit step, cached latents, batch 8, LONG_STEPS), compared with an earlier
               # fp32 trace of the same data and seeds (FP32_TRACE)
