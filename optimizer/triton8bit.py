@@ -14,8 +14,7 @@ New moments are quantized to the nearest code of their map after dividing by the
 are not bit-identical to the CUDA kernel (division and tie rounding differ); the GPU check
 bench/kernel8bit_check.py measures how far they are apart. The nearest code comes from a table keyed on the
 value's sign, exponent and top mantissa bits (`code_table`): one lookup and one comparison with a midpoint
-instead of a binary search's eight dependent loads, with the same result (tests check every bucket). A second
-table holds each bucket's midpoint, so the code and the midpoint it is compared with load side by side.
+instead of a binary search's eight dependent loads, with the same result (tests check every bucket).
 
 Work is cut into segments of SEGMENT elements (whole 256-element blocks) that never span two tensors. A chunk's
 segment rows are fixed at its first step (`segment_rows`); per step only the addresses change (`address_table`).
@@ -104,11 +103,9 @@ def code_table(mids: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_maps(qmap1: torch.Tensor, qmap2: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """What the kernel reads for quantizing: both maps, their midpoints, their code tables and each table
-    bucket's midpoint (mids[table]: one load beside the code's instead of one after it)."""
+    """What the kernel reads for quantizing: both maps, their midpoints and their code tables."""
     mids1, mids2 = midpoints(qmap1), midpoints(qmap2)
-    table1, table2 = code_table(mids1), code_table(mids2)
-    return qmap1, qmap2, mids1, mids2, table1, table2, mids1[table1.long()], mids2[table2.long()]
+    return qmap1, qmap2, mids1, mids2, code_table(mids1), code_table(mids2)
 
 
 def table_index(x: torch.Tensor) -> torch.Tensor:
@@ -169,8 +166,7 @@ def _kernel(interpret: bool):
     must reach `tl` as a module global: the interpreter patches the module the function was defined in.)"""
     @triton.jit
     def adamw8bit_kernel(rows_ptr, table_ptr, n_tensors, p_base, g_base, s1_base, s2_base, a1_base, a2_base,
-                         qmap1_ptr, qmap2_ptr, mids1_ptr, mids2_ptr, table1_ptr, table2_ptr, bound1_ptr, bound2_ptr,
-                         beta1, beta2,
+                         qmap1_ptr, qmap2_ptr, mids1_ptr, mids2_ptr, table1_ptr, table2_ptr, beta1, beta2,
                          step_size, eps, decay, SEG: tl.constexpr, BLK: tl.constexpr, ALIGNED: tl.constexpr,
                          LOOKUP: tl.constexpr, TINY: tl.constexpr, LOW_BITS: tl.constexpr, SHIFT: tl.constexpr,
                          SIDE: tl.constexpr):
@@ -225,11 +221,11 @@ def _kernel(interpret: bool):
             t1 = tl.where(a1 < TINY, 0, ((a1.to(tl.int32, bitcast=True) - LOW_BITS) >> SHIFT) + 1)
             k1 = tl.minimum(tl.maximum(tl.where(x1 < 0.0, SIDE - t1, SIDE + t1), 0), 2 * SIDE)
             q1 = tl.load(table1_ptr + k1).to(tl.int32)
-            q1 = tl.where(x1 > tl.load(bound1_ptr + k1), q1 + 1, q1)
+            q1 = tl.where(x1 > tl.load(mids1_ptr + q1), q1 + 1, q1)
             t2 = tl.where(x2 < TINY, 0, ((x2.to(tl.int32, bitcast=True) - LOW_BITS) >> SHIFT) + 1)   # x2 >= 0
             k2 = tl.minimum(tl.maximum(SIDE + t2, 0), 2 * SIDE)
             q2 = tl.load(table2_ptr + k2).to(tl.int32)
-            q2 = tl.where(x2 > tl.load(bound2_ptr + k2), q2 + 1, q2)
+            q2 = tl.where(x2 > tl.load(mids2_ptr + q2), q2 + 1, q2)
         else:        # binary search over the midpoints: the nearest code in 8 steps (the table's reference)
             q1 = tl.zeros(x1.shape, dtype=tl.int32)
             q2 = tl.zeros(x2.shape, dtype=tl.int32)
