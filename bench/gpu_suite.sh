@@ -298,7 +298,8 @@ case "$suite" in
     ;;
   speed16)  # issue 8: batch 15 with CUDA graphs made 119.3 images/s at 21.52 GiB reserved (run 20): again,
             # beside the reference; then batch 16 with graphs, which needs about 22.3 GiB, with the compiled
-            # backward recomputing the cheapest tenth of the activations (compile_memory_budget 0.9); last with samples
+            # backward recomputing some activations (compile_memory_budget 0.9; run 22: 19.19 GiB, 115.97 images/s);
+            # last with samples
     run17_settings
     GRAPHS="--compile_mode reduce-overhead"
     prewarm cg15 $B --images 450 --batch_size 15 $FAST $TRITON $GRAPHS

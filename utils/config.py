@@ -146,10 +146,10 @@ class TrainConfig:
     compile_memory_budget: float = doc(1.0, "With torch_compile: the share of the activations the compiled "
                                             "backward may keep. Below 1, torch's partitioner recomputes the "
                                             "cheapest of the others in the backward pass (automatic selective "
-                                            "checkpointing: less memory, some extra compute). 1: keep all. Values just below 1 all "
-                                            "give one plan (torch's min-cut without its recompute limits; SD1.5 "
-                                            "batch 16 on an H200: 0.90-0.97 alike, about 3 GiB less); the "
-                                            "budget trades finer only below that plan's share.",
+                                            "checkpointing: less memory, some extra compute). 1: keep all. "
+                                            "Values just below 1 all give one plan (torch's min-cut without its "
+                                            "recompute limits; SD1.5 batch 16 on an H200: 0.90-0.97 alike, about "
+                                            "3 GiB less); the budget trades finer only below that plan's share.",
                                        minimum=0.0, maximum=1.0)
     compile_layout_optimization: bool = doc(
         False, "With torch_compile: make inductor lay the compiled UNet's convolutions out channels-last (NHWC) "
