@@ -880,8 +880,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         log.info(f"warning: sampling at step {self.state.global_step} ran out of GPU memory and was skipped "
-                 f"(training is not affected). For samples, lower batch_size or the image size in the sample "
-                 f"prompts file ({self.cfg.sample_prompts}), or the training batch_size (now {self.cfg.batch_size})")
+                 f"(training is not affected). For samples, lower the sample batch_size or size in the prompt "
+                 f"file ({self.cfg.sample_prompts}), or the training batch_size (now {self.cfg.batch_size})")
 
 
     def _sample_with_current_weights(self, prefix: str) -> None:
