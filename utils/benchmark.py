@@ -22,12 +22,16 @@ grow with them.
 
 On CUDA the timed steps run under torch.cuda.set_sync_debug_mode("warn"): every operation that makes the host
 wait for the GPU is counted by the line of code that called it ("host_syncs": {file:line: count}). A step should
-have none; the logging steps' reads of the loss and gradient norms (utils/trainer.py) are expected.
+have none, and neither should a logging step (the trainer reads the loss a step later). The benchmark itself
+waits for the GPU only where the timed and profiled windows start and end. "log_window_step_ms" gives the
+host's ms a step between the log steps inside the timed window (a long one in the middle is where the host
+stopped), "gc_ms" the garbage collector's pauses there by generation.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -133,7 +137,11 @@ def run(argv: list[str] | None = None) -> dict:
 
         def on_log(step: int) -> None:  # called at each log step; steps warmup..warmup+steps are timed, then profiled
             nonlocal sync_records
-            if cuda:
+            # only where a window starts or ends: a wait at the log steps between would leave the GPU idle while
+            # the host queues the next step, which a run at the trainer's log_step (25) does not have
+            ends_window = step in (args.warmup, timed_end) or ("start" in prof and "stop" not in prof
+                                                               and step >= prof["start"] + args.profile)
+            if cuda and ends_window:
                 torch.cuda.synchronize()
             timings[step] = time.perf_counter()
             memory[step] = (torch.cuda.memory_allocated() if cuda else 0, torch.cuda.memory_reserved() if cuda else 0,
@@ -147,6 +155,9 @@ def run(argv: list[str] | None = None) -> dict:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 sync_watch.callback(torch.cuda.set_sync_debug_mode, 0)
+            if step == args.warmup:
+                gc.callbacks.append(gc_watch)
+                sync_watch.callback(gc.callbacks.remove, gc_watch)
             if step == timed_end:
                 sync_watch.close()
             if args.profile and "start" not in prof and step >= timed_end:
@@ -158,6 +169,14 @@ def run(argv: list[str] | None = None) -> dict:
             elif "start" in prof and "stop" not in prof and step >= prof["start"] + args.profile:
                 prof["p"].stop()  # the GPU was synchronized above: every kernel of these steps has run
                 prof["stop"] = step
+
+        gc_pauses, gc_started = [], {}
+
+        def gc_watch(phase: str, info: dict) -> None:  # the timed steps' garbage collections: the host stops
+            if phase == "start":
+                gc_started["t"] = time.perf_counter()
+            elif "t" in gc_started:
+                gc_pauses.append((info["generation"], time.perf_counter() - gc_started.pop("t")))
 
         trainer.log_hook = on_log
         code = trainer.train(final_outputs=False)
@@ -181,8 +200,13 @@ def run(argv: list[str] | None = None) -> dict:
     t_steps = marks[-1] - marks[0]
     dt = (timings[marks[-1]] - timings[marks[0]]) / t_steps
     images_per_s = args.batch_size / dt
+    # host time per step between the log steps inside the window (only the ends wait for the GPU, so a long one
+    # is where the host stopped); garbage collections in the window, by generation
+    windows = [round((timings[b] - timings[a]) / (b - a) * 1e3, 1) for a, b in zip(marks, marks[1:])]
+    gc_ms = {f"gen{g}": round(sum(t for gen, t in gc_pauses if gen == g) * 1e3, 1) for g in sorted({g for g, _ in gc_pauses})}
     result = {"arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size,
               "timed_steps": t_steps, "step_ms": round(dt * 1e3, 1), "images_per_s": round(images_per_s, 2),
+              "log_window_step_ms": windows, "gc_ms": gc_ms, "gc_collections": len(gc_pauses),
               "setup_s": round(setup_s, 1), "compile_s": trainer.compile_seconds and round(trainer.compile_seconds, 1),
               "options": " ".join(passthrough)}
     if cuda:

@@ -138,8 +138,9 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = doc(
         "default", "With torch_compile: torch.compile's mode. reduce-overhead replays each compiled step as CUDA "
                    "graphs, so the GPU stops waiting for the host's kernel launches (SD1.5 on an H200: 112.6 "
-                   "images/s at batch 14 against 98.4 at batch 16 without graphs, same run; 119.3 at batch 15, "
-                   "21.5 GiB; batch 16 no longer fits 22 GiB). Needs grad_accum 1.")
+                   "images/s at batch 14 against 98.4 at batch 16 without graphs, same run; 121.6 at batch 15, "
+                   "21.5 GiB; batch 16 no longer fits 22 GiB). The graphs keep their memory while samples are "
+                   "made: at batch 15 under 22 GiB each sampling is skipped with a warning. Needs grad_accum 1.")
     compile_blocks: bool = doc(False, "With torch_compile: compile each UNet down, mid and up block on its own "
                                       "instead of the whole UNet (smaller graphs; with fused_backward_pass the "
                                       "gradients are freed block by block). Sampling runs the blocks uncompiled.")

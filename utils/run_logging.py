@@ -5,6 +5,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 LOGGER_NAME = "sdtrain"
 
@@ -44,6 +45,31 @@ def quiet_libraries() -> None:
         tlog.disable_progress_bar()
     except ImportError:
         pass
+
+
+def read_later(values: dict) -> Callable[[], dict[str, float]]:
+    """Starts copying scalar tensors (device or host) to the host without waiting, and returns a function that
+    waits for the copy and gives {name: float}. Reading a CUDA value at once (.item()) makes the host wait for
+    the GPU's whole queue, and the GPU then idles while the host queues the next step; a step later the copy has
+    long finished and the wait costs nothing."""
+    import torch
+    if not values:
+        return dict
+    names = list(values)
+    device = next((v.device for v in values.values() if v.device.type == "cuda"), torch.device("cpu"))
+    stacked = torch.stack([v.detach().reshape(()).to(device, torch.float32) for v in values.values()])
+    if device.type != "cuda":
+        floats = stacked.tolist()
+        return lambda: dict(zip(names, floats))
+    host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+    host.copy_(stacked, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> dict[str, float]:
+        copied.synchronize()
+        return dict(zip(names, host.tolist()))
+    return read
 
 
 class MetricsSink:

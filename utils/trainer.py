@@ -37,7 +37,7 @@ from utils.ema import EMA, ema_decay_from_target, ema_weights
 from utils.losses import mask_to_latent_weight, use_mask_this_step
 from utils.models import load_sd_model, resolve_model_folder
 from utils.noise import make_noise_scheduler, sampling_settings
-from utils.run_logging import MetricsSink, add_log_file, get_logger, quiet_libraries
+from utils.run_logging import MetricsSink, add_log_file, get_logger, quiet_libraries, read_later
 from utils.sampling import (SampleConfigSource, build_pipeline, generate, make_grid, plan_samples, sample_stem,
                             sample_tag, write_sample)
 from utils.step import LossSettings, batch_seed, compute_loss
@@ -444,6 +444,7 @@ class Trainer:
                    dynamic_ncols=True)
         self.window = {"loss": torch.zeros((), device=self.device), "micro": 0, "images": 0,
                        "t0": time.perf_counter()}
+        self.staged_log = None  # a log step's scalars until they are written (_log_window)
         try:
             if st.global_step == 0:  # a fresh run: the baseline before any step (a resume does not repeat it)
                 if self.val_sets:
@@ -465,6 +466,7 @@ class Trainer:
             self._rescue_save()
             return 1
         finally:
+            self._write_staged_log()
             bar.close()
             epochs_bar.close()
         if self.stop_requested:
@@ -735,6 +737,7 @@ class Trainer:
 
     def _after_step(self, norms: dict, window: dict, bar) -> None:
         cfg, st = self.cfg, self.state
+        self._write_staged_log()  # the last log step's: its copy finished while this step was queued
         if due(st.global_step, cfg.log_step):
             self._log_window(norms, window, bar)
             if self.log_hook:
@@ -747,34 +750,51 @@ class Trainer:
             self.save()
 
     def _log_window(self, norms: dict, window: dict, bar) -> None:
+        """Takes the window's scalars and starts their copy to the host; _write_staged_log writes them at the
+        next step (or when the loop ends), so a logging step makes the host wait for nothing: by then the copy
+        has long finished while the GPU works on the next step."""
         st = self.state
         elapsed = time.perf_counter() - window["t0"]
         window_loss, micro, images = self._sum_over_processes(window["loss"], window["micro"], window["images"])
-        loss = (window_loss / max(1, micro)).item()  # the one host sync of a logging step
-        values = {"loss/log_step": loss, "performance/images per second": images / max(elapsed, 1e-9)}
+        on_device = {"loss/log_step": window_loss / max(1, micro)}
+        on_device.update({f"{part.name} norm": norms[part.name] for part in self.parts if part.name in norms})
+        on_host = {"performance/images per second": images / max(elapsed, 1e-9)}
+        on_host.update({f"{part.name} lr": current_lr(part) for part in self.parts})
+        if self.scaler.is_enabled():
+            on_host["hyperparameter/grad scale"] = self.scaler.get_scale()
+        if self.device.type == "cuda":
+            on_host["performance/vram"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.staged_log = (st.global_step, read_later(on_device), on_host, bar)
+        window.update(loss=torch.zeros((), device=self.device), micro=0, images=0, t0=time.perf_counter())
+
+    def _write_staged_log(self) -> None:
+        """Writes the scalars _log_window took, if any (to TensorBoard, metrics.jsonl and the progress bar)."""
+        if self.staged_log is None:
+            return
+        step, read, on_host, bar = self.staged_log
+        self.staged_log = None
+        on_device = read()
+        values = {"loss/log_step": on_device["loss/log_step"],
+                  "performance/images per second": on_host["performance/images per second"]}
         names = {"unet": ("hyperparameter/lr unet", "optimizer/unet_grad_norm"),
                  "text_encoder": ("hyperparameter/lr text encoder", "optimizer/te_grad_norm")}
         for part in self.parts:
             lr_tag, norm_tag = names[part.name]
-            values[lr_tag] = current_lr(part)
-            if part.name in norms:
-                pre = float(norms[part.name])
+            values[lr_tag] = on_host[f"{part.name} lr"]
+            if (pre := on_device.get(f"{part.name} norm")) is not None:
                 values[norm_tag.replace("_grad_norm", "_pre_clip_norm")] = pre
                 values[norm_tag] = min(pre, self.cfg.clip_grad_norm) if self.cfg.clip_grad_norm else pre
-        if self.scaler.is_enabled():
-            values["hyperparameter/grad scale"] = self.scaler.get_scale()
-        if self.device.type == "cuda":
-            values["performance/vram"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self.metrics.scalars(st.global_step, values)
-        postfix = {"loss": f"{loss:.4f}", "lr": f"{values.get('hyperparameter/lr unet', values.get('hyperparameter/lr text encoder', 0)):.2e}",
+        values.update((k, v) for k, v in on_host.items() if k in ("hyperparameter/grad scale", "performance/vram"))
+        self.metrics.scalars(step, values)
+        postfix = {"loss": f"{values['loss/log_step']:.4f}", "lr": f"{values.get('hyperparameter/lr unet', values.get('hyperparameter/lr text encoder', 0)):.2e}",
                    "img/s": f"{values['performance/images per second']:.1f}"}
         if "performance/vram" in values:
             postfix["vram"] = f"{values['performance/vram']:.1f}G"
         bar.set_postfix(postfix, refresh=False)
-        window.update(loss=torch.zeros((), device=self.device), micro=0, images=0, t0=time.perf_counter())
 
     def _end_epoch(self, epoch_loss, epoch_micro: int, t0: float) -> None:
         cfg, st = self.cfg, self.state
+        self._write_staged_log()  # the epoch's line below waits for the GPU anyway
         minutes = (time.perf_counter() - t0) / 60
         epoch_loss, epoch_micro = self._sum_over_processes(epoch_loss, epoch_micro)
         if epoch_micro:
