@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -103,6 +104,15 @@ def accumulation_group_size(batch_index: int, n_batches: int, grad_accum: int, w
 
 def due(step: int, every: int | None) -> bool:
     return bool(every) and step > 0 and step % every == 0
+
+
+def step_schedule(part) -> None:
+    """Advances a part's LR schedule by one optimizer step. A skipped step (non-finite loss, or fp16's GradScaler
+    backing off) advances it too, so the schedule follows global_step; torch warns about a schedule step without
+    an optimizer step, which here is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        part.scheduler.step()
 
 
 class Trainer:
@@ -687,7 +697,7 @@ class Trainer:
                                                 else not torch.isfinite(step_loss)):
             for part in self.parts:
                 part.optimizer.zero_grad(set_to_none=True)
-                part.scheduler.step()
+                step_schedule(part)
             self._count_nonfinite(True)
             return {}
         norms = {}
@@ -712,7 +722,7 @@ class Trainer:
                 self.scaler.set_backoff_factor(backoff)
                 self.scaler.set_growth_interval(interval)
         for part in self.parts:
-            part.scheduler.step()
+            step_schedule(part)
             part.optimizer.zero_grad(set_to_none=True)
         return norms
 
