@@ -203,7 +203,8 @@ def run(argv: list[str] | None = None) -> dict:
     # host time per step between the log steps inside the window (only the ends wait for the GPU, so a long one
     # is where the host stopped); garbage collections in the window, by generation
     windows = [round((timings[b] - timings[a]) / (b - a) * 1e3, 1) for a, b in zip(marks, marks[1:])]
-    gc_ms = {f"gen{g}": round(sum(t for gen, t in gc_pauses if gen == g) * 1e3, 1) for g in sorted({g for g, _ in gc_pauses})}
+    gc_ms = {f"gen{g}": round(sum(t for gen, t in gc_pauses if gen == g) * 1e3, 1)
+             for g in sorted({g for g, _ in gc_pauses})}
     result = {"arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size,
               "timed_steps": t_steps, "step_ms": round(dt * 1e3, 1), "images_per_s": round(images_per_s, 2),
               "log_window_step_ms": windows, "gc_ms": gc_ms, "gc_collections": len(gc_pauses),

@@ -796,7 +796,8 @@ class Trainer:
                 values[norm_tag] = min(pre, self.cfg.clip_grad_norm) if self.cfg.clip_grad_norm else pre
         values.update((k, v) for k, v in on_host.items() if k in ("hyperparameter/grad scale", "performance/vram"))
         self.metrics.scalars(step, values)
-        postfix = {"loss": f"{values['loss/log_step']:.4f}", "lr": f"{values.get('hyperparameter/lr unet', values.get('hyperparameter/lr text encoder', 0)):.2e}",
+        lr = values.get("hyperparameter/lr unet", values.get("hyperparameter/lr text encoder", 0))
+        postfix = {"loss": f"{values['loss/log_step']:.4f}", "lr": f"{lr:.2e}",
                    "img/s": f"{values['performance/images per second']:.1f}"}
         if "performance/vram" in values:
             postfix["vram"] = f"{values['performance/vram']:.1f}G"
