@@ -51,6 +51,13 @@ prewarm() {
 }
 
 # SD1.5 at 512 px with run 17's best settings (issue 8), where the suites from speed11 on start
+graphs15_with_reference() {  # runs 25-27: batch 15 with graphs compiled once (prewarm), then the reference loop
+  run17_settings
+  GRAPHS="--compile_mode reduce-overhead"
+  prewarm cg15 $B --images 450 --batch_size 15 $FAST $TRITON $GRAPHS
+  wait
+  run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
+}
 run17_settings() {
   B="python3 -m utils.benchmark --arch sd15 --resolution 512 --steps 20 --warmup 5"
   FAST="--cache_latents true --torch_compile true --skip_nonfinite_steps false --channels_last false --compile_layout_optimization true"
@@ -330,12 +337,8 @@ case "$suite" in
             # 20 steps after a 5-step warm-up, logged every 5 (one window of 5 steps took 180 ms a step on the host).
             # Repeat the first; the same 25 steps logged every 5 (is a log step without a wait still costly?); the
             # short warm-up last. Each row prints the host's ms a step per log window and the GC pauses.
-    run17_settings
-    GRAPHS="--compile_mode reduce-overhead"
+    graphs15_with_reference
     L="python3 -m utils.benchmark --arch sd15 --resolution 512 --steps 25 --warmup 25 --images 750 --batch_size 15"
-    prewarm cg15 $B --images 450 --batch_size 15 $FAST $TRITON $GRAPHS
-    wait
-    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
     run ours_b15_fast_layout_cudagraphs_log25_cap22 $L --workdir /tmp/b15_log25 $FAST $TRITON $GRAPHS --max_vram_gb 22
     run ours_b15_fast_layout_cudagraphs_log5_cap22 $L --workdir /tmp/b15_log25 $FAST $TRITON $GRAPHS --max_vram_gb 22 --log_every 5
     run ours_b15_fast_layout_cudagraphs_warmup5_cap22 $B --images 450 --workdir /tmp/b15 --batch_size 15 $FAST $TRITON $GRAPHS --max_vram_gb 22
@@ -344,22 +347,14 @@ case "$suite" in
             # log steps' waits (the trainer's .item() and the benchmark's synchronize, every 5 steps). Now the loss
             # is read a step later and the benchmark waits only where its windows end: the same row and profile,
             # then a window of 25 steps logged once (the preset's log_step). One compile: fits one command.
-    run17_settings
-    GRAPHS="--compile_mode reduce-overhead"
-    prewarm cg15 $B --images 450 --batch_size 15 $FAST $TRITON $GRAPHS
-    wait
-    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
+    graphs15_with_reference
     run ours_b15_fast_layout_cudagraphs_profile_cap22 $B --images 450 --workdir /tmp/b15 --batch_size 15 $FAST $TRITON $GRAPHS --max_vram_gb 22 --profile 5
     run ours_b15_fast_layout_cudagraphs_log25_cap22 python3 -m utils.benchmark --arch sd15 --resolution 512 --steps 25 --warmup 25 --images 750 --workdir /tmp/b15_log25 --batch_size 15 $FAST $TRITON $GRAPHS --max_vram_gb 22
     ;;
   speed18)  # issue 8: batch 15 with graphs (118.96-119.32 images/s, runs 20 and 22; 120 needs 125.0 ms a step)
             # profiled where it is timed, to find the last ~1% (host idle or GPU work); then with samples every 5
             # steps (what the graphs leave under the cap for the sampler). One compile, so it fits one command.
-    run17_settings
-    GRAPHS="--compile_mode reduce-overhead"
-    prewarm cg15 $B --images 450 --batch_size 15 $FAST $TRITON $GRAPHS
-    wait
-    run ref_b6_fp16_8bit python3 $REF --batch 6 --steps 15 --warmup 5
+    graphs15_with_reference
     run ours_b15_fast_layout_cudagraphs_profile_cap22 $B --images 450 --workdir /tmp/b15 --batch_size 15 $FAST $TRITON $GRAPHS --max_vram_gb 22 --profile 5
     run ours_b15_cudagraphs_samples_cap22 $B --images 450 --workdir /tmp/b15 --batch_size 15 $FAST $TRITON $GRAPHS --max_vram_gb 22 --steps 10 --sample_steps 5
     echo "sampling out of memory: $(grep -c "ran out of GPU memory" "$LOGS/ours_b15_cudagraphs_samples_cap22.log"), sample grids written: $(find /tmp/b15/logs -name "*.jpg" | wc -l)"

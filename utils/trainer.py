@@ -106,6 +106,11 @@ def due(step: int, every: int | None) -> bool:
     return bool(every) and step > 0 and step % every == 0
 
 
+# each trained part's TensorBoard tags: (learning rate, gradient norm)
+PART_TAGS = {"unet": ("hyperparameter/lr unet", "optimizer/unet_grad_norm"),
+             "text_encoder": ("hyperparameter/lr text encoder", "optimizer/te_grad_norm")}
+
+
 def step_schedule(part) -> None:
     """Advances a part's LR schedule by one optimizer step. A skipped step (non-finite loss, or fp16's GradScaler
     backing off) advances it too, so the schedule follows global_step; torch warns about a schedule step without
@@ -763,18 +768,20 @@ class Trainer:
         """Takes the window's scalars and starts their copy to the host; _write_staged_log writes them at the
         next step (or when the loop ends), so a logging step makes the host wait for nothing: by then the copy
         has long finished while the GPU works on the next step."""
-        st = self.state
         elapsed = time.perf_counter() - window["t0"]
         window_loss, micro, images = self._sum_over_processes(window["loss"], window["micro"], window["images"])
         on_device = {"loss/log_step": window_loss / max(1, micro)}
-        on_device.update({f"{part.name} norm": norms[part.name] for part in self.parts if part.name in norms})
         on_host = {"performance/images per second": images / max(elapsed, 1e-9)}
-        on_host.update({f"{part.name} lr": current_lr(part) for part in self.parts})
+        for part in self.parts:
+            lr_tag, norm_tag = PART_TAGS[part.name]
+            on_host[lr_tag] = current_lr(part)
+            if part.name in norms:
+                on_device[norm_tag] = norms[part.name]
         if self.scaler.is_enabled():
             on_host["hyperparameter/grad scale"] = self.scaler.get_scale()
         if self.device.type == "cuda":
             on_host["performance/vram"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self.staged_log = (st.global_step, read_later(on_device), on_host, bar)
+        self.staged_log = (self.state.global_step, read_later(on_device), on_host, bar)
         window.update(loss=torch.zeros((), device=self.device), micro=0, images=0, t0=time.perf_counter())
 
     def _write_staged_log(self) -> None:
@@ -783,18 +790,11 @@ class Trainer:
             return
         step, read, on_host, bar = self.staged_log
         self.staged_log = None
-        on_device = read()
-        values = {"loss/log_step": on_device["loss/log_step"],
-                  "performance/images per second": on_host["performance/images per second"]}
-        names = {"unet": ("hyperparameter/lr unet", "optimizer/unet_grad_norm"),
-                 "text_encoder": ("hyperparameter/lr text encoder", "optimizer/te_grad_norm")}
-        for part in self.parts:
-            lr_tag, norm_tag = names[part.name]
-            values[lr_tag] = on_host[f"{part.name} lr"]
-            if (pre := on_device.get(f"{part.name} norm")) is not None:
+        values = {**read(), **on_host}
+        for _, norm_tag in PART_TAGS.values():  # the norm as measured, and as the step used it
+            if (pre := values.get(norm_tag)) is not None:
                 values[norm_tag.replace("_grad_norm", "_pre_clip_norm")] = pre
                 values[norm_tag] = min(pre, self.cfg.clip_grad_norm) if self.cfg.clip_grad_norm else pre
-        values.update((k, v) for k, v in on_host.items() if k in ("hyperparameter/grad scale", "performance/vram"))
         self.metrics.scalars(step, values)
         lr = values.get("hyperparameter/lr unet", values.get("hyperparameter/lr text encoder", 0))
         postfix = {"loss": f"{values['loss/log_step']:.4f}", "lr": f"{lr:.2e}",
