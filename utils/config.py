@@ -132,15 +132,19 @@ class TrainConfig:
     latent_cache_dir: str | None = doc(None, "Where cached latents go (null: <logdir>/.latent_cache, shared by runs).")
     cache_te_outputs: bool = doc(True, "With the text encoder frozen (disable_textenc_training): compute each "
                                        "distinct caption's conditioning once and reuse it (exact; bounded to 1 GiB).")
-    torch_compile: bool = doc(False, "torch.compile the trained UNet and text encoder. The first steps of each new "
-                                     "shape compile (a minute or more; logged); afterwards steps are faster. "
-                                     "Inductor's per-call size asserts are off (the compile guards check inputs).")
+    torch_compile: bool = doc(False, "torch.compile the trained UNet and text encoder. Each batch shape (bucket "
+                                     "size and batch size) compiles once, at its first step (minutes on a cold "
+                                     "cache, seconds once inductor's disk cache has it; logged per shape); later "
+                                     "steps are faster. A compile that fails is logged and that shape runs "
+                                     "uncompiled. Inductor's per-call size asserts are off (the guards check inputs).")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = doc(
         "default", "With torch_compile: torch.compile's mode. reduce-overhead replays each compiled step as CUDA "
-                   "graphs, so the GPU stops waiting for the host's kernel launches (SD1.5 on an H200: 112.6 "
-                   "images/s at batch 14 against 98.4 at batch 16 without graphs, same run; 121.6 at batch 15, "
-                   "21.5 GiB; batch 16 no longer fits 22 GiB). The graphs keep their memory while samples are "
-                   "made: at batch 15 under 22 GiB each sampling is skipped with a warning. Needs grad_accum 1.")
+                   "graphs, so the GPU stops waiting for the host's kernel launches (doc/PERFORMANCE.md). The "
+                   "graphs keep their memory while samples are made, so a sampling that no longer fits is skipped "
+                   "with a warning. Needs grad_accum 1.")
+    compile_max_shapes: int = doc(4, "With torch_compile: compile at most this many batch shapes, those with the "
+                                     "most batches; the others (rare buckets, short last batches) run uncompiled. "
+                                     "One line at the start says which run uncompiled.", minimum=1)
     compile_blocks: bool = doc(False, "With torch_compile: compile each UNet down, mid and up block on its own "
                                       "instead of the whole UNet (smaller graphs; with fused_backward_pass the "
                                       "gradients are freed block by block). Sampling runs the blocks uncompiled.")

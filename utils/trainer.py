@@ -14,6 +14,7 @@ import shutil
 import signal
 import time
 import warnings
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from optimizer import triton8bit
 from optimizer.build import (build_optimizer_parts, current_lr, describe, eval_weights, fused_backward_problems,
                              grad_scaler_tweak, set_train_mode)
 from optimizer.config import load_optimizer_config, optimizer_config_to_json
+from utils.compile_shapes import (CompiledShapes, choose_shapes, describe_shape, eager_unless, first_line,
+                                  is_compile_error, shape_of_batch, shape_of_plan)
 from utils.checkpoint import (TrainState, capture_rng, checkpoint_name, find_last, load_trainer_state,
                               prune_checkpoints, restore_rng, save_checkpoint_folder, save_trainer_state,
                               write_json_atomic)
@@ -177,7 +180,7 @@ class Trainer:
         self.nonfinite_run = 0
         self.out_of_memory = False
         self.backward_skipped = False  # fused_backward_pass: this step's loss was not finite, no backward ran
-        self.compile_seconds: float | None = None  # torch_compile: wall time of the first step, compiling included
+        self.compiled_shapes: CompiledShapes | None = None  # torch_compile: which batch shapes run compiled
         self.log_hook = None  # benchmark timing: called with the step number at each logging step
         self.torch_settings = contextlib.ExitStack()  # process-wide kernel settings of this run, undone by cleanup
 
@@ -236,6 +239,14 @@ class Trainer:
             # host); dynamo's guards check them already. The layout optimization: see compile_layout_optimization.
             self.torch_settings.enter_context(inductor.patch(
                 size_asserts=False, force_layout_optimization=cfg.compile_layout_optimization))
+            # One graph per batch shape (utils/compile_shapes.py): each shape is a recompile of the same frames.
+            self.torch_settings.enter_context(torch._dynamo.config.patch(
+                cache_size_limit=max(torch._dynamo.config.cache_size_limit, cfg.compile_max_shapes + 8)))
+            if hasattr(torch._functorch.config, "force_non_lazy_backward_lowering"):
+                # the backward graph compiles with the forward: a failing compile then fails in the forward, before
+                # any gradient is touched, and the step can run again uncompiled
+                self.torch_settings.enter_context(
+                    torch._functorch.config.patch(force_non_lazy_backward_lowering=True))
 
     def _make_run_dir(self) -> Path:
         from accelerate.utils import broadcast_object_list
@@ -498,6 +509,8 @@ class Trainer:
 
     def _print_end_summary(self, final: Path | None) -> None:
         minutes = (time.monotonic() - self.started) / 60
+        if self.compiled_shapes is not None:
+            log.info(self.compiled_shapes.summary())
         images = self.state.images_seen  # already every process's images: _agree_at_step sums them at each step
         log.info(f"done: {self.state.global_step} steps, {self.state.epoch} epochs, {images} images in "
                  f"{minutes:.1f} min ({images / max(minutes * 60, 1e-9):.1f} images/s over the whole run)")
@@ -544,8 +557,6 @@ class Trainer:
             st.batches_done = i + 1
             st.global_step += 1
             bar.update(1)
-            if self.compile_seconds is None and self.cfg.torch_compile:
-                self._log_compile_time()
             with torch.profiler.record_function(PHASE_AFTER):
                 self._after_step(norms, window, bar)
             if self._finished() or self.stop_requested:
@@ -636,10 +647,42 @@ class Trainer:
             return encode_prompts(self.text_encoder, ids, clip_skip=self.cfg.clip_skip)
 
     def _micro_step(self, batch: dict, group_size: float, sync_grads: bool, weight: float = 1.0) -> torch.Tensor:
+        """The forward and backward pass of one micro-batch, compiled when its shape is (utils/compile_shapes.py):
+        the first step of a compiled shape is timed, and one whose compile fails runs again uncompiled."""
+        shapes = self.compiled_shapes
+        shape = shape_of_batch(batch)
+        if shapes is None or not shapes.is_new(shape):
+            compiled = shapes is not None and shapes.runs_compiled(shape)
+            with eager_unless(compiled or shapes is None):
+                return self._forward_backward(batch, group_size, sync_grads, weight, compiled)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # once per shape: the compile's time, not the queue's
+        t0 = time.perf_counter()
+        try:
+            loss = self._forward_backward(batch, group_size, sync_grads, weight, True)
+        except Exception as e:
+            if not is_compile_error(e):
+                raise
+            # non-lazy backward lowering: compiles fail in the forward, before any gradient was accumulated
+            shapes.failed[shape] = first_line(e)
+            log.info(f"warning: torch.compile failed for {describe_shape(shape)} ({shapes.failed[shape]}); this shape "
+                     f"runs uncompiled from now on, training goes on")
+            with eager_unless(False):
+                return self._forward_backward(batch, group_size, sync_grads, weight, False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        shapes.seconds[shape] = time.perf_counter() - t0
+        log.info(f"torch.compile: {describe_shape(shape)} compiled in {shapes.seconds[shape]:.1f} s (its first "
+                 f"forward and backward); compiling so far: {self.compile_seconds:.1f} s")
+        self.metrics.scalars(self.state.global_step + 1, {"performance/compile seconds": self.compile_seconds})
+        return loss
+
+    def _forward_backward(self, batch: dict, group_size: float, sync_grads: bool, weight: float,
+                          compiled: bool) -> torch.Tensor:
         cfg, sd = self.cfg, self.sd
         phase = contextlib.ExitStack()   # the profiler's "forward" range; closed where the backward pass begins
         phase.enter_context(torch.profiler.record_function(PHASE_FORWARD))
-        if cfg.torch_compile and cfg.compile_mode == "reduce-overhead":
+        if compiled and cfg.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()   # the last step's graph outputs may be overwritten now
         self.generator.manual_seed(batch_seed(cfg.seed, self.state.epoch, batch["position"]))
         if "latent_moments" in batch:  # cache_latents: the VAE posterior was stored; draw from it as below
@@ -731,12 +774,10 @@ class Trainer:
             part.optimizer.zero_grad(set_to_none=True)
         return norms
 
-    def _log_compile_time(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # once: the first step's kernels are part of its time
-        self.compile_seconds = time.perf_counter() - self.loop_started
-        log.info(f"torch.compile: the first step took {self.compile_seconds:.1f} s (compiling); a new bucket size "
-                 f"compiles once more, later steps do not")
+    @property
+    def compile_seconds(self) -> float | None:
+        """Time spent in the first step of each compiled shape (compiling and its first run), over the run."""
+        return sum(self.compiled_shapes.seconds.values()) if self.compiled_shapes else None
 
     def _count_nonfinite(self, skipped: bool) -> None:
         self.nonfinite_run = self.nonfinite_run + 1 if skipped else 0
@@ -1013,10 +1054,16 @@ class Trainer:
     def _compile_models(self) -> None:
         """torch.compile wraps only the step's modules: sampling and saving use the plain ones (sd.unet), so a
         sample at another size or batch compiles nothing (compile_blocks: the blocks inside sd.unet, compiled only
-        while gradients are on). After a second input shape (another bucket, a short last
-        batch) dynamo marks the changed sizes dynamic, so further buckets reuse that graph instead of recompiling."""
+        while gradients are on). Static shapes: each batch shape the plan allows gets its own graph
+        (utils/compile_shapes.py)."""
         mode = None if self.cfg.compile_mode == "default" else self.cfg.compile_mode
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        counts = Counter(shape_of_plan(plan) for epoch in range(min(self.cfg.max_epochs, 3))
+                         for plan in epoch_batches(self.scan.items, batch_size=self.cfg.batch_size, seed=self.cfg.seed,
+                                                   epoch=epoch, resolutions=self.resolutions))
+        allowed, note = choose_shapes(counts, self.cfg.compile_max_shapes)
+        self.compiled_shapes = CompiledShapes(allowed)
+        if note:
+            log.info(note)
         if self.cfg.compile_blocks:
             # each block is one graph: its backward hands over its own gradients as soon as it is done, so the
             # fused step can free them block by block; sampling (no grad) keeps running the blocks as they were
@@ -1025,10 +1072,11 @@ class Trainer:
                 if block is not None:
                     block.forward = compiled_when_grad_enabled(block.forward, mode)
         else:
-            self.unet = torch.compile(self.unet, mode=mode)
+            self.unet = torch.compile(self.unet, mode=mode, dynamic=False)
         if self.train_te:
-            self.text_encoder = torch.compile(self.text_encoder, mode=mode)
-        log.info(f"torch.compile ({self.cfg.compile_mode}): the first steps compile; their time is logged")
+            self.text_encoder = torch.compile(self.text_encoder, mode=mode, dynamic=False)
+        log.info(f"torch.compile ({self.cfg.compile_mode}): each batch shape compiles at its first step; the time "
+                 f"is logged per shape")
 
     def _epoch_batch_count(self, epoch: int, plans: list) -> int:
         """The epoch's batches before the DDP split; this process's plans at positions beyond it are padding."""
@@ -1042,7 +1090,7 @@ class Trainer:
         images all failed to load, only so that this process joins DDP's collectives."""
         width, height = plan.size
         return {"pixel_values": torch.zeros(1, 3, height, width), "captions": [""], "loss_scale": torch.zeros(1),
-                "mask": None, "position": plan.position}
+                "mask": None, "position": plan.position, "size": plan.size}
 
     def _save_clock_due(self) -> bool:
         return bool(self.save_minutes) and time.monotonic() - self.last_save_time >= self.save_minutes * 60
@@ -1121,7 +1169,7 @@ def sdp_priority(first: str) -> list[SDPBackend]:
 def compiled_when_grad_enabled(forward, mode: str | None):
     """forward compiled for training steps; with gradients off (sampling, validation) the original forward runs,
     so inference shapes compile nothing."""
-    compiled = torch.compile(forward, mode=mode)
+    compiled = torch.compile(forward, mode=mode, dynamic=False)
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
