@@ -80,22 +80,23 @@ def batch_size(name: str) -> int:
 
 
 def prewarm(names: list[str]) -> None:
-    """Two steps of each preset on each bucket alone, all at once: inductor's caches then hold every graph, so the
-    timed runs compile from the cache (as a user's second run does). No saves, no samples (the benchmark)."""
-    procs = []
+    """Two steps of a preset on each bucket alone, the three buckets at once (one preset after the other, so the
+    GPU's memory holds them): inductor's caches then hold every graph, and the timed runs compile from the cache,
+    as a user's second run does. No saves, no samples (utils.benchmark)."""
     for name in names:
         config, extra, _ = PRESETS[name]
+        procs = []
         for w, h in SIZES:
             cmd = [sys.executable, "-m", "utils.benchmark", "--arch", "sd15", "--image_size", str(w), str(h),
                    "--batch_size", str(batch_size(name)), "--steps", "1", "--warmup", "1",
                    "--workdir", str(WORK / f"prewarm-{name}-{w}x{h}"), "--config", config,
                    *[a for a in extra if a not in ("--batch_size", str(batch_size(name)))]]
             log = open(WORK / f"prewarm-{name}-{w}x{h}.log", "w")
-            procs.append((name, (w, h), time.time(), subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log)))
-    for name, size, t0, proc in procs:
-        proc.wait()
-        print(f"prewarm {name} {size[0]}x{size[1]}: rc {proc.returncode} after {time.time() - t0:.0f} s "
-              f"(compiling side by side with {len(procs) - 1} others)", flush=True)
+            procs.append(((w, h), time.time(), subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log)))
+        for size, t0, proc in procs:
+            proc.wait()
+            print(f"prewarm {name} {size[0]}x{size[1]}: rc {proc.returncode} after {time.time() - t0:.0f} s "
+                  f"(three compiling side by side)", flush=True)
 
 
 def reference() -> dict:
