@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from utils.config_schema import (ConfigError, check_fields, describe_type, did_you_mean, doc, field_default,
-                                 read_json, schema_fields, to_jsonable)
+                                 null_meaning, read_json, schema_fields, to_jsonable)
 
 CONFIG_VERSION = 1
 
@@ -77,7 +77,7 @@ class PartSettings:
     decouple: bool | None = doc(None, "prodigy, dadapt_adam: AdamW-style decoupled weight decay. Default true.")
     growth_rate: float | None = doc(None, "prodigy, dadapt_adam, dadapt_sgd: cap on how fast the step-size "
                                           "estimate may grow per step. Default unlimited (written Infinity in "
-                                          "a saved optimizer.json).", minimum=1.0)
+                                          "a saved optimizer.json).", minimum=1.0, allow_infinity=True)
     safeguard_warmup: bool | None = doc(None, "prodigy: keep the LR warmup out of the step-size estimate "
                                               "(recommended with warmup). Default true.")
     use_bias_correction: bool | None = doc(None, "prodigy, dadapt_adam: Adam bias correction. Default true for "
@@ -94,28 +94,37 @@ class PartSettings:
                                               "lr^weight_lr_power. Default 2.0.", minimum=0.0)
 
 
+# What a null does in base / text_encoder_overrides, the same for every key (inherit, with_defaults): the docs'
+# null column for PartSettings.
+PART_NULL = "in base: the default given in the meaning; in text_encoder_overrides: base's value"
+
+
 @dataclass
 class FreezeSettings:
     """Which text-encoder parameters stay frozen (requires_grad False, not in the optimizer)."""
-    unfreeze_last_n_layers: int | None = doc(None, "Train only the last N encoder layers (0: none); null trains "
-                                                   "all layers.", minimum=0)
-    freeze_embeddings: bool | None = doc(None, "Freeze token and position embeddings. null: frozen exactly when "
-                                               "unfreeze_last_n_layers leaves some layers frozen (EveryDream2).")
-    freeze_final_layer_norm: bool | None = doc(None, "Freeze the final layer norm. null: false.")
+    unfreeze_last_n_layers: int | None = doc(None, "Train only the last N encoder layers (0: none).", minimum=0,
+                                             null="train all layers")
+    freeze_embeddings: bool | None = doc(None, "Freeze token and position embeddings.",
+                                         null="frozen exactly when unfreeze_last_n_layers leaves some layers "
+                                              "frozen (EveryDream2)")
+    freeze_final_layer_norm: bool | None = doc(None, "Freeze the final layer norm.", null="false")
     freeze_front_n_layers: int | None = doc(None, "Legacy EveryDream2 key: freeze the first N layers (negative "
-                                                  "N: train only the last -N). Prefer unfreeze_last_n_layers.")
+                                                  "N: train only the last -N). Prefer unfreeze_last_n_layers.",
+                                            null="not used")
 
 
 @dataclass
 class _OptimizerFile:
     """The top level of optimizer.json."""
     config_version: int = doc(CONFIG_VERSION, "Version of this file's format.", minimum=1, maximum=CONFIG_VERSION)
-    base: dict | None = doc(None, "Settings for the UNet and the defaults for the text encoder (keys below).")
+    base: dict | None = doc(None, "Settings for the UNet and the defaults for the text encoder (keys below).",
+                            null="every key its default")
     text_encoder_overrides: dict | None = doc(None, "Text-encoder settings; same keys as base; null or missing "
-                                                    "values inherit from base.")
-    text_encoder_freezing: dict | None = doc(None, "Partial text-encoder freezing (keys below).")
+                                                    "values inherit from base.", null="all from base")
+    text_encoder_freezing: dict | None = doc(None, "Partial text-encoder freezing (keys below).",
+                                             null="no freezing")
     text_encoder_lr_scale: float | None = doc(None, "EveryDream2 key: when the text encoder inherits its lr from "
-                                                    "base, multiply it by this.", minimum=0.0)
+                                                    "base, multiply it by this.", minimum=0.0, null="no scaling")
     apply_grad_scaler_step_tweaks: bool = doc(True, "fp16 only: slow the GradScaler's growth at optimizer steps "
                                                     "500/1000/2000/4000 (EveryDream2).")
     log_grad_norm: bool = doc(True, "Log each part's gradient norm at every logged optimizer step.")
@@ -129,7 +138,7 @@ class _OptimizerFile:
                                         "27.7 -> 7.8 ms for SD1.5 on an H200 (doc/OPTIMIZER.md). lion8bit keeps "
                                         "bitsandbytes' kernel.")
     # last: from here on the class body's `doc` is this field, not the helper
-    doc: Any = doc(None, "Free text (string, list or object), ignored; optional.")
+    doc: Any = doc(None, "Free text (string, list or object), ignored; optional.", null="ignored")
 
 
 @dataclass
@@ -364,13 +373,14 @@ def optimizer_config_to_json(cfg: OptimizerConfig) -> dict:
 def keys_markdown(cls) -> str:
     """A markdown table of a section's keys, generated from the schema; doc/OPTIMIZER.md embeds these tables
     and a test fails when they are stale (`python -m optimizer.config` prints them)."""
-    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    lines = ["| key | type | default | null | meaning |", "|---|---|---|---|---|"]
     for name, (f, tp) in schema_fields(cls).items():
         lo, hi = f.metadata.get("minimum"), f.metadata.get("maximum")
         bounds = "" if lo is None and hi is None else f" Range: [{'' if lo is None else lo}, {'' if hi is None else hi}]."
         type_text = describe_type(tp).replace("|", "\\|")  # a bare | would split the table cell
         default = json.dumps(field_default(f))
-        lines.append(f"| `{name}` | `{type_text}` | `{default}` | {f.metadata['help']}{bounds} |")
+        null = PART_NULL if cls is PartSettings else null_meaning(f, tp)
+        lines.append(f"| `{name}` | `{type_text}` | `{default}` | {null} | {f.metadata['help']}{bounds} |")
     return "\n".join(lines)
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from utils.config_schema import (ConfigError, check_fields, describe_type, did_you_mean, doc, field_default,
-                                 read_json, schema_fields, to_jsonable)
+from utils.config_schema import (ConfigError, accepts_null, check_fields, describe_type, did_you_mean, doc,
+                                 field_default, null_meaning, read_json, schema_fields, to_jsonable)
 
 CONFIG_VERSION = 1
 
@@ -45,33 +45,33 @@ class TrainConfig:
     grad_accum: int = doc(1, "Micro-batches per optimizer step; gradients are averaged.", minimum=1)
     max_epochs: int = doc(300, "Epochs to train; an epoch shows each image once (times its multiplier).",
                           minimum=1)
-    max_steps: int | None = doc(None, "Stop after this many optimizer steps (null: run all max_epochs).",
-                                minimum=1)
+    max_steps: int | None = doc(None, "Stop after this many optimizer steps.", minimum=1,
+                                null="run all max_epochs")
     seed: int = doc(555, "Seed for data order, augmentation, noise and sampling; -1 picks one at random "
                          "(the chosen value is saved in the run's train.json).", minimum=-1)
     # --- optimizer ---
-    optimizer_config: str | None = doc("optimizer.json", "Path to optimizer.json; null uses the defaults "
-                                                          "(AdamW8bit, lr 1e-6, constant).")
+    optimizer_config: str | None = doc("optimizer.json", "Path to optimizer.json.",
+                                       null="no file: optimizer.json's defaults (AdamW8bit, lr 1e-6, constant)")
     lr: float | None = doc(None, "If set, overrides the learning rate of optimizer.json for UNet and text "
-                                 "encoder alike.", minimum=0.0)
+                                 "encoder alike.", minimum=0.0, null="optimizer.json's lr")
     scale_lr: bool = doc(False, "Multiply the learning rates by (batch_size x GPUs x grad_accum)^0.55.")
     clip_grad_norm: float | None = doc(None, "Clip the gradient norm of UNet and text encoder (each) to this.",
-                                       minimum=0.0)
+                                       minimum=0.0, null="no clipping")
     disable_textenc_training: bool = doc(False, "Freeze the text encoder.")
     disable_unet_training: bool = doc(False, "Freeze the UNet.")
     # --- noise, loss and text conditioning (doc/TECHNIQUES.md) ---
     zero_frequency_noise_ratio: float = doc(0.02, "Offset noise: adds this times a per-channel constant to the "
                                                   "noise (brighter brights, darker darks).", minimum=0.0)
     pyramid_noise_discount: float | None = doc(None, "Multi-resolution (pyramid) noise discount per level, "
-                                                     "e.g. 0.03; null: off.", minimum=0.0, maximum=1.0)
+                                                     "e.g. 0.03.", minimum=0.0, maximum=1.0, null="off")
     enable_zero_terminal_snr: bool = doc(False, "Rescale betas to zero terminal SNR (arXiv 2305.08891); samples "
                                                 "then use trailing timesteps and guidance rescale 0.7.")
     timestep_start: int = doc(0, "Lowest training timestep (inclusive).", minimum=0, maximum=999)
     timestep_end: int = doc(1000, "Highest training timestep (exclusive).", minimum=1, maximum=1000)
     loss_type: Literal["mse", "mae", "huber", "smooth_l1", "mse_huber", "huber_mse"] = doc(
         "mse", "Loss between prediction and target; see doc/TECHNIQUES.md for the timestep-blended ones.")
-    min_snr_gamma: float | None = doc(None, "Min-SNR loss weighting gamma (arXiv 2303.09556), e.g. 5.0; null: off.",
-                                      minimum=1e-6)
+    min_snr_gamma: float | None = doc(None, "Min-SNR loss weighting gamma (arXiv 2303.09556), e.g. 5.0.",
+                                      minimum=1e-6, null="off")
     huber_delta: float = doc(1.0, "Threshold of the huber / smooth_l1 losses (EveryDream2 fixed it at 1).",
                              minimum=1e-6)
     debiased_estimation: bool = doc(False, "Weight the loss by 1/sqrt(SNR) (arXiv 2310.08442).")
@@ -87,16 +87,18 @@ class TrainConfig:
                                                   "is 1.")
     # --- EMA (doc/TECHNIQUES.md) ---
     ema_decay_rate: float | None = doc(None, "Turns EMA on: ema = ema*d + weights*(1-d) at each EMA update; "
-                                             "e.g. 0.999.", minimum=0.0, maximum=0.999999)
+                                             "e.g. 0.999.", minimum=0.0, maximum=0.999999,
+                                   null="no EMA, unless ema_strength_target is set")
     ema_strength_target: float | None = doc(None, "Turns EMA on with d = target^(interval / total steps); "
                                                   "overrides ema_decay_rate; the decay is printed.",
-                                            minimum=1e-6, maximum=0.999999)
+                                            minimum=1e-6, maximum=0.999999, null="ema_decay_rate decides")
     ema_update_interval: int = doc(500, "Optimizer steps between EMA updates.", minimum=1)
     ema_device: Literal["cpu", "cuda"] = doc("cpu", "Where the EMA copy lives: cpu saves GPU memory (the "
                                                     "copy overlaps training), cuda is faster.")
     ema_resume_model: str | None = doc(None, "EMA weights to start from: a diffusers folder (e.g. a "
                                              "checkpoint's _ema folder) or 'findlast'. A resumed checkpoint "
-                                             "restores its EMA by itself.")
+                                             "restores its EMA by itself.",
+                                      null="the EMA starts from the weights being trained")
     ema_sample_ema_model: bool = doc(False, "Sample with the EMA weights (the default when EMA is on and "
                                             "neither sample key is set).")
     ema_sample_nonema_model: bool = doc(False, "Sample with the trained (non-EMA) weights.")
@@ -122,14 +124,15 @@ class TrainConfig:
     skip_nonfinite_steps: bool = doc(True, "In bf16/fp32, check each step's loss and skip steps whose loss is NaN/inf "
                                            "(one host sync a step; fp16's GradScaler always does this). False: "
                                            "no sync outside logging steps.")
-    num_workers: int | None = doc(None, "DataLoader worker processes (null: min(8, CPU cores - 1)).",
-                                  minimum=0)
+    num_workers: int | None = doc(None, "DataLoader worker processes.", minimum=0,
+                                  null="min(8, CPU cores - 1)")
     # --- speed (doc/PERFORMANCE.md) ---
     cache_latents: bool = doc(False, "Encode each image once with the VAE and keep the result on disk (centre crop: "
                                      "crop_jitter and the random crop offset are off; flips are cached too). Steps "
                                      "then skip the VAE; the cache is rebuilt when an image, its bucket or the VAE "
                                      "changes.")
-    latent_cache_dir: str | None = doc(None, "Where cached latents go (null: <logdir>/.latent_cache, shared by runs).")
+    latent_cache_dir: str | None = doc(None, "Where cached latents go.",
+                                       null="<logdir>/.latent_cache, shared by runs")
     cache_te_outputs: bool = doc(True, "With the text encoder frozen (disable_textenc_training): compute each "
                                        "distinct caption's conditioning once and reuse it (exact; bounded to 1 GiB).")
     torch_compile: bool = doc(False, "torch.compile the trained UNet and text encoder. Each batch shape (bucket "
@@ -168,21 +171,25 @@ class TrainConfig:
     log_step: int = doc(25, "Log scalars to TensorBoard every N optimizer steps.", minimum=1)
     sample_prompts: str | None = doc("sample_prompts.txt", "Sample prompts: a .txt (one a line) or EveryDream2-format "
                                                            ".json (doc/LOGGING.md); re-read at every sampling; "
-                                                           "missing/empty: random training captions.")
+                                                           "missing/empty: random training captions.",
+                                        null="random training captions")
     validation_config: str | None = doc(None, "Path to a validation JSON (EveryDream2's validation_config keys; "
-                                              "doc/LOGGING.md); null: no validation loss.")
+                                              "doc/LOGGING.md).", null="no validation loss")
     sample_steps: int = doc(250, "Generate samples every N optimizer steps (and at the end).", minimum=1)
     sample_num_steps: int = doc(30, "Denoising steps per sample image.", minimum=1)
-    save_every_n_epochs: int | None = doc(None, "Save a checkpoint at the end of every Nth epoch.", minimum=1)
+    save_every_n_epochs: int | None = doc(None, "Save a checkpoint at the end of every Nth epoch.", minimum=1,
+                                          null="no saves by epoch")
     ckpt_every_n_minutes: float | None = doc(None, "Save a checkpoint every N minutes. If neither interval is "
-                                                   "set, 20 minutes.", minimum=0.0)
-    save_ckpt_dir: str | None = doc(None, "Where single-file .safetensors go (null: the run's ckpts folder).")
+                                                   "set, 20 minutes.", minimum=0.0,
+                                            null="no saves by time, or every 20 minutes if save_every_n_epochs "
+                                                 "is null too")
+    save_ckpt_dir: str | None = doc(None, "Where single-file .safetensors go.", null="the run's ckpts folder")
     save_full_precision: bool = doc(False, "Write the single-file .safetensors in fp32 instead of fp16.")
     no_save_ckpt: bool = doc(False, "Write only the diffusers checkpoint folders, no single-file .safetensors.")
     save_optimizer: bool = doc(True, "Keep optimizer state in checkpoints so a resume continues exactly "
                                      "(false saves disk; the optimizer then restarts).")
-    keep_last_n: int | None = doc(None, "Keep only the newest N checkpoints of the run (null: keep all).",
-                                  minimum=1)
+    keep_last_n: int | None = doc(None, "Keep only the newest N checkpoints of the run.", minimum=1,
+                                  null="keep all")
     save_ckpts_from_n_epochs: int = doc(0, "Skip the save_every_n_epochs saves before this epoch (time-based "
                                            "saves still happen).", minimum=0)
     load_settings_every_epoch: bool = doc(False, "Re-read the config file at each epoch start for the keys that may "
@@ -265,7 +272,9 @@ def _parse_cli(argv: list[str]) -> tuple[dict, dict]:
         try:
             values[name] = json.loads(text)
         except json.JSONDecodeError:
-            values[name] = text
+            # "--lr inf" means the float (JSON spells it Infinity), so the finite-number check names the problem
+            is_special = text.strip().lower().lstrip("+-") in ("inf", "infinity", "nan")
+            values[name] = float(text) if is_special else text
         # "--save_ckpt_dir 123" or "--project_name 2024" mean strings, not numbers
         if fields[name][1] in (str, str | None) and not isinstance(values[name], str) and values[name] is not None:
             values[name] = text
@@ -357,13 +366,18 @@ def config_to_dict(cfg) -> dict:
     return to_jsonable(cfg)
 
 
+NULL_RULE = ("A null (JSON null, or --key null) takes the key's default, except where the key's type includes "
+             "null: there null has the meaning given for that key.")
+
+
 def help_text() -> str:
     lines = ["usage: python train.py --config train.json [--key value ...]", "", "options:"]
     for flag, text in CLI_ONLY_FLAGS.items():
         lines.append(f"  {flag:<26} {text}")
-    lines += ["", "config keys (train.json or --key value):"]
+    lines += ["", "config keys (train.json or --key value):", NULL_RULE]
     for name, (f, tp) in schema_fields(TrainConfig).items():
-        lines.append(f"  --{name} {describe_type(tp)}  (default: {json.dumps(field_default(f))})")
+        null = f"; null: {null_meaning(f, tp)}" if accepts_null(tp) else ""
+        lines.append(f"  --{name} {describe_type(tp)}  (default: {json.dumps(field_default(f))}{null})")
         lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)
 
@@ -373,13 +387,19 @@ def config_markdown() -> str:
     lines = ["# Configuration reference", "",
              "Generated from `utils/config.py` by `python -m utils.config > doc/CONFIG.md`; do not edit by hand.",
              "", "Every key can be set in `train.json` or on the command line as `--key value` (the command line "
-             "wins). Values on the command line are read as JSON where they parse, else as text.", "",
-             "| key | type | default | meaning |", "|---|---|---|---|"]
+             "wins). Values on the command line are read as JSON where they parse, else as text (`inf` and `nan` "
+             "as numbers).", "",
+             NULL_RULE + " The null column says what null does for each key; EveryDream2's shipped train.json "
+             "writes null for keys it leaves unset, such as `ema_device`. Numbers must be finite: `NaN` and "
+             "`Infinity` are errors. The file must be UTF-8 text (UTF-16 or UTF-32 with a byte-order mark, as "
+             "PowerShell writes them, are read too).", "",
+             "| key | type | default | null | meaning |", "|---|---|---|---|---|"]
     for name, (f, tp) in schema_fields(TrainConfig).items():
         lo, hi = f.metadata.get("minimum"), f.metadata.get("maximum")
         bounds = "" if lo is None and hi is None else f" Range: [{'' if lo is None else lo}, {'' if hi is None else hi}]."
-        lines.append(f"| `{name}` | `{describe_type(tp)}` | `{json.dumps(field_default(f))}` | "
-                     f"{f.metadata['help']}{bounds} |")
+        type_text = describe_type(tp).replace("|", "\\|")  # a bare | would split the table cell
+        lines.append(f"| `{name}` | `{type_text}` | `{json.dumps(field_default(f))}` | "
+                     f"{null_meaning(f, tp)} | {f.metadata['help']}{bounds} |")
     lines += ["", "Command-line only:", ""]
     lines += [f"- `{flag}`: {text}" for flag, text in CLI_ONLY_FLAGS.items()]
     lines += ["", "EveryDream2 keys that are accepted but not supported (listed in one warning at start): "
