@@ -152,7 +152,10 @@ def main(argv: list[str]) -> int:
     if what == "prewarm":
         prewarm(names)
     elif what == "run":
-        results = [{"preset": "reference", **reference()}] + [whole_run(n) for n in names]
+        results = []
+        for name in ["reference", *names]:  # each result printed as it comes: a command cut short keeps them
+            results.append({"preset": "reference", **reference()} if name == "reference" else whole_run(name))
+            print(json.dumps(results[-1]), flush=True)
         out = Path(os.environ.get("OUT", WORK))
         (out / "whole_runs.json").write_text(json.dumps(results, indent=1))
         print("\n| run | rc | wall s | images/s over the process | over the trainer's run | steady | compile s | "
