@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from utils.config_schema import ConfigError
+from utils.file_writes import match_umask
 
 STATE_FILE = "trainer_state.pt"
 TMP_SUFFIX = ".tmp"
@@ -77,6 +78,7 @@ def save_checkpoint_folder(final: Path, write_contents) -> Path:
     tmp.mkdir(parents=True)
     try:
         write_contents(tmp)
+        match_umask(tmp)  # save_pretrained's safetensors files are created 0600: readable by their owner only
         if final.exists():  # the same name again (e.g. a second save at one step): replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)

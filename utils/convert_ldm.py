@@ -37,8 +37,10 @@ import torch
 
 try:
     from utils.config_schema import ConfigError
+    from utils.file_writes import match_umask
 except ImportError:  # run as a file from inside utils/
     from config_schema import ConfigError  # type: ignore[no-redef]
+    from file_writes import match_umask  # type: ignore[no-redef]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,8 @@ Fmt = Literal["safetensors", "ckpt"]
 
 def _temp_sibling(path: Path) -> Path:
     # Not tempfile.mkstemp/mkdtemp: those create 0600/0700 entries, and the renamed result must stay readable by
-    # a web UI running as another user, as any normally created file would be.
+    # a web UI running as another user, as any normally created file would be (safetensors' save_file creates
+    # 0600 files all the same: match_umask fixes those before the rename).
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
@@ -95,6 +98,7 @@ def _atomic_write(out_path: Path, write: Callable[[Path], None]) -> Path:
     tmp = _temp_sibling(out_path)
     try:
         write(tmp)
+        match_umask(tmp)
         os.replace(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -743,6 +747,7 @@ def write_diffusers_folder(sd: dict[str, torch.Tensor], out_folder: Path, *, une
             "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"]}, indent=2), encoding="utf-8")
+        match_umask(tmp)  # save_pretrained's safetensors files are created 0600
         if out_folder.exists():
             old = out_folder.with_name(f".{out_folder.name}.old-{os.getpid()}")
             os.replace(out_folder, old)

@@ -160,3 +160,34 @@ def test_full_disk_in_the_single_file_export_is_a_clear_error(tiny_sd_folder, da
     err = capsys.readouterr().err
     assert "disk full" in err and "Traceback" not in err
     assert find_last(logdir).name == "last-t-ep01-gs00004"  # the checkpoint folder itself was complete
+
+
+def test_every_file_of_a_run_gets_the_permissions_the_umask_gives(dataset, tmp_path):
+    """Another user (a web UI's) must be able to read what the trainer writes: safetensors' save_file creates
+    0600 files, so exported models, checkpoint weights and the latent cache were readable by their owner only."""
+    logdir = tmp_path / "logs"
+    old = os.umask(0o022)
+    try:
+        rc = run_train(base_args("builtin:tiny-sd", dataset, logdir, max_epochs=1, cache_latents=True,
+                                 ema_decay_rate=0.9))
+    finally:
+        os.umask(old)
+    assert rc == 0
+    files, wrong = 0, []
+    for root, dirs, names in os.walk(logdir):
+        for d in dirs:
+            if os.stat(os.path.join(root, d)).st_mode & 0o777 != 0o755:
+                wrong.append((os.path.join(root, d), oct(os.stat(os.path.join(root, d)).st_mode & 0o777)))
+        for n in names:
+            files += 1
+            mode = os.stat(os.path.join(root, n)).st_mode & 0o777
+            if mode != 0o644:
+                wrong.append((os.path.join(root, n), oct(mode)))
+    assert not wrong, wrong[:10]
+    run = only_run(logdir)
+    # what was checked: the exports, checkpoint weights and state, the built-in model, the latent cache, samples
+    for pattern in ("ckpts/*.safetensors", "ckpts/last-*/unet/*.safetensors", "ckpts/last-*/trainer_state.pt",
+                    "ckpts/*_ema/unet/*.safetensors", "samples/*.jpg", "dataset.jsonl", "*.log", "events.out.*"):
+        assert list(run.glob(pattern)), pattern
+    assert list((logdir / ".models").rglob("*.safetensors")) and list((logdir / ".latent_cache").rglob("*.safetensors"))
+    assert files > 30
