@@ -38,9 +38,11 @@ import torch
 try:
     from utils.config_schema import ConfigError
     from utils.file_writes import match_umask
+    from utils.model_arch import check_single_file_keys
 except ImportError:  # run as a file from inside utils/
     from config_schema import ConfigError  # type: ignore[no-redef]
     from file_writes import match_umask  # type: ignore[no-redef]
+    from model_arch import check_single_file_keys  # type: ignore[no-redef]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,7 @@ def read_single_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
+                check_single_file_keys(f.keys(), path)  # an SDXL file is refused before gigabytes are read
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError) as e:
             raise ConfigError(f"{path}: cannot read as .safetensors: {e}") from None
@@ -532,8 +535,7 @@ def detect_version(sd: dict[str, torch.Tensor], source: str | Path) -> str:
     """'sd1' or 'sd2' from the key layout; ConfigError naming the file and what was expected otherwise."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-    if any(k.startswith("conditioner.embedders.") for k in sd):
-        raise ConfigError(f"{source}: this is an SDXL checkpoint; SDXL is not supported (SD1.x and SD2.x only)")
+    check_single_file_keys(sd, source)  # SDXL and other SGM-layout files
     kind = infer_diffusers_model_type(sd)  # 'v1' is also its answer for anything it does not recognise
     if kind not in ("v1", "v2"):
         raise ConfigError(f"{source}: this looks like a '{kind}' checkpoint; only SD1.x and SD2.x text-to-image "

@@ -1,5 +1,6 @@
 """No lost work on faults: signals, a kill during a save, a full disk, NaN losses."""
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -160,6 +161,51 @@ def test_full_disk_in_the_single_file_export_is_a_clear_error(tiny_sd_folder, da
     err = capsys.readouterr().err
     assert "disk full" in err and "Traceback" not in err
     assert find_last(logdir).name == "last-t-ep01-gs00004"  # the checkpoint folder itself was complete
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input and faults end in one line naming the file (issue 21)
+# ---------------------------------------------------------------------------------------------------------------
+
+def assert_one_line_error(rc: int, err: str, *names: str, code: int = 2) -> None:
+    assert rc == code, err
+    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
+    for name in names:
+        assert name in err, (name, err)
+
+
+def _write_config(path: Path, config: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config))
+
+
+def test_an_sdxl_model_is_refused_before_training(dataset, tmp_path, capsys):
+    """An SDXL diffusers folder loaded as SD1 and failed at the first step with a TypeError. Its configs alone
+    (no weights here) must refuse it, naming it."""
+    folder = tmp_path / "sdxl"
+    _write_config(folder / "model_index.json", {
+        "_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]})
+    _write_config(folder / "unet" / "config.json", {"_class_name": "UNet2DConditionModel", "in_channels": 4,
+                                                    "addition_embed_type": "text_time", "cross_attention_dim": 2048})
+    _write_config(folder / "text_encoder" / "config.json", {"hidden_size": 768})
+    _write_config(folder / "text_encoder_2" / "config.json", {"hidden_size": 1280})
+    rc = run_train(base_args(folder, dataset, tmp_path / "logs"))
+    err = capsys.readouterr().err
+    assert_one_line_error(rc, err)
+    assert err == (f"error: {folder} is an SDXL model (StableDiffusionXLPipeline, text_encoder_2/, unet "
+                   f"addition_embed_type 'text_time'); this trainer supports SD1.x and SD2.x\n")
+    # a single file, by its key names
+    from safetensors.torch import save_file
+    single = tmp_path / "sdxl.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4),
+               "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(4),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+               "first_stage_model.encoder.conv_in.weight": torch.zeros(8, 3, 3, 3)}, str(single))
+    rc = run_train(base_args(single, dataset, tmp_path / "logs2"))
+    err = capsys.readouterr().err
+    assert_one_line_error(rc, err, f"{single} is an SDXL model", "this trainer supports SD1.x and SD2.x")
 
 
 def test_every_file_of_a_run_gets_the_permissions_the_umask_gives(dataset, tmp_path):

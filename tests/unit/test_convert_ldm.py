@@ -463,8 +463,16 @@ def test_unknown_layout_sdxl_and_missing_file(tmp_path, sd1):
     assert str(diffusers_style) in str(e.value) and "cond_stage_model" in str(e.value)
     sdxl = {"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2),
             "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}
-    with pytest.raises(ConfigError, match="SDXL is not supported"):
+    with pytest.raises(ConfigError, match=r"x.safetensors is an SDXL model .*supports SD1.x and SD2.x"):
         C.detect_version(sdxl, "x.safetensors")
+    # a safetensors file is refused by its key names, before its tensors are read
+    sdxl_file = tmp_path / "sdxl.safetensors"
+    save_file(sdxl, str(sdxl_file))
+    with pytest.raises(ConfigError, match=r"sdxl.safetensors is an SDXL model .*supports SD1.x and SD2.x"):
+        C.read_single_file(sdxl_file)
+    refiner = {"conditioner.embedders.0.model.ln_final.weight": torch.zeros(2)}
+    with pytest.raises(ConfigError, match="SDXL refiner or another model in the SGM layout"):
+        C.detect_version(refiner, "refiner.safetensors")
     inpaint = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 9, 3, 3),
                "first_stage_model.x": torch.zeros(1), "cond_stage_model.transformer.x": torch.zeros(1)}
     with pytest.raises(ConfigError, match="inpainting"):
