@@ -971,7 +971,8 @@ class Trainer:
                 out_dir = Path(cfg.save_ckpt_dir) if cfg.save_ckpt_dir else self.run_dir / "ckpts"
                 out_dir.mkdir(parents=True, exist_ok=True)
                 path = save_single_file(folder, out_dir / f"{folder.name}.safetensors",
-                                        half=not cfg.save_full_precision)
+                                        half=not cfg.save_full_precision,
+                                        zero_terminal_snr=cfg.enable_zero_terminal_snr)
                 log.info(f"saved {path}")
         prune_checkpoints(self.run_dir / "ckpts", cfg.keep_last_n, protect={final})
         return final
