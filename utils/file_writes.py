@@ -1,4 +1,4 @@
-"""Files the trainer writes get ordinary permissions.
+"""What every writer of the trainer shares: output folders that can be created, files with ordinary permissions.
 
 safetensors' save_file (and with it every diffusers/transformers save_pretrained) creates its files mode 0600,
 as tempfile.mkstemp does, so a web UI or a colleague running as another user could not open an exported model.
@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+try:
+    from utils.config_schema import ConfigError
+except ImportError:  # utils/convert_ldm.py run as a file from inside utils/
+    from config_schema import ConfigError  # type: ignore[no-redef]
 
 
 def current_umask() -> int:
@@ -45,3 +50,20 @@ def match_umask(path: Path) -> None:
             if not os.path.islink(p):
                 os.chmod(p, file_mode)
 
+
+def create_folder(path: Path, what: str) -> Path:
+    """mkdir -p, or ConfigError saying which folder cannot be created and what to do about it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a regular file where a folder should be
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise ConfigError(f"{what}: cannot create the folder {path}: {blocker} is a file, not a folder; choose "
+                          f"another {what}") from None
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot create the folder {path} ({e.strerror or e}); choose a folder "
+                          f"you can write to, or fix its permissions") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: the folder {path} is not writable; choose a folder you can write to, "
+                          f"or fix its permissions")
+    return path

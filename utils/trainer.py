@@ -28,13 +28,14 @@ from optimizer import triton8bit
 from optimizer.build import (build_optimizer_parts, current_lr, describe, eval_weights, fused_backward_problems,
                              grad_scaler_tweak, set_train_mode)
 from optimizer.config import load_optimizer_config, optimizer_config_to_json
-from utils.checkpoint import (TrainState, capture_rng, checkpoint_name, find_last, load_trainer_state,
-                              prune_checkpoints, restore_rng, save_checkpoint_folder, save_trainer_state,
-                              write_json_atomic)
+from utils.checkpoint import (STATE_FILE, TrainState, capture_rng, checkpoint_name, find_last, list_checkpoints,
+                              load_trainer_state, prune_checkpoints, restore_rng, save_checkpoint_folder,
+                              save_trainer_state, write_json_atomic)
 from utils.config import TrainConfig, config_to_dict, reload_live_settings
 from utils.config_schema import ConfigError
 from utils.convert_ldm import save_single_file
 from utils.ema import EMA, ema_decay_from_target, ema_weights
+from utils.file_writes import create_folder
 from utils.losses import mask_to_latent_weight, use_mask_this_step
 from utils.models import load_sd_model, resolve_model_folder
 from utils.noise import make_noise_scheduler, sampling_settings
@@ -172,7 +173,7 @@ class Trainer:
             if problems:
                 raise ConfigError("fused_backward_pass true cannot run here:\n  - " + "\n  - ".join(problems))
         self.stop_requested: str | None = None
-        self._signals_seen = 0
+        self._signals_seen, self._abort_signal = 0, None  # a second signal aborts (_install_signal_handlers)
         self._stop_signal, self._save_agreed, self._images_synced = None, False, 0  # N processes: _agree_at_step
         self.nonfinite_run = 0
         self.out_of_memory = False
@@ -242,8 +243,8 @@ class Trainer:
         stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
         broadcast_object_list(stamp)  # every process writes into the same run folder name
         run_dir = Path(self.cfg.logdir) / f"{self.cfg.project_name}-{stamp[0]}"
-        if self.is_main:
-            (run_dir / "ckpts").mkdir(parents=True, exist_ok=True)
+        if self.is_main:  # an unwritable logdir stops the run here, before anything loads
+            create_folder(run_dir / "ckpts", "logdir")
         return run_dir
 
     def _scan_data(self):
@@ -448,10 +449,20 @@ class Trainer:
     # ------------------------------------------------------------------ train
     def train(self, final_outputs: bool = True) -> int:
         """Train to max_epochs / max_steps; then sample and save (final_outputs=False skips both: benchmarks).
-        Returns the process exit code: 0 done, 130/143 stopped by SIGINT/SIGTERM, 1 stopped by an error."""
+        Returns the process exit code: 0 done, 130/143 stopped by SIGINT/SIGTERM (also when a second one
+        aborted the interrupted save), 1 stopped by an error."""
+        self._install_signal_handlers()
+        try:
+            return self._train(final_outputs)
+        except KeyboardInterrupt:
+            if self._abort_signal is None:
+                raise  # not our handler's doing
+            log.info(self._abort_message())
+            return 143 if self._abort_signal == "SIGTERM" else 130
+
+    def _train(self, final_outputs: bool) -> int:
         cfg, st = self.cfg, self.state
         from tqdm.auto import tqdm
-        self._install_signal_handlers()
         self.last_save_time = self.started = time.monotonic()
         epochs_bar = tqdm(total=cfg.max_epochs, initial=st.epoch, disable=not self.is_main, unit="epoch",
                           position=0, desc="epochs", dynamic_ncols=True)
@@ -1085,8 +1096,9 @@ class Trainer:
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):
             self._signals_seen += 1
-            if self._signals_seen > 1:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now, no save
+            if self._signals_seen > 1:  # a second Ctrl-C: stop now, no save; train() reports it in one line
+                self._abort_signal = signal.Signals(signum).name
+                raise KeyboardInterrupt
             if self.accelerator.num_processes > 1:  # it may reach only some processes: _agree_at_step decides
                 self._stop_signal = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
                 log.warning(f"\n{self._stop_signal} received by process {self.accelerator.process_index}: all "
@@ -1096,12 +1108,25 @@ class Trainer:
             log.info(f"\n{self.stop_requested} received: stopping after this step (again to abort without saving)")
         self._old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
+    def _abort_message(self) -> str:
+        """One line after a second SIGINT/SIGTERM: what was abandoned and which checkpoint to resume from.
+        Every save is written under a temporary name and renamed when complete, so nothing half-written is left."""
+        done = list_checkpoints(self.run_dir / "ckpts") if self.is_main else []
+        if done:
+            where = f"the newest complete checkpoint {done[-1]} is intact (resume: --resume_ckpt {done[-1]})"
+        elif (self.model_folder / STATE_FILE).is_file():
+            where = f"this run wrote no checkpoint; the one it resumed from, {self.model_folder}, is intact"
+        else:
+            where = "this run wrote no checkpoint"
+        return (f"error: {self._abort_signal} again: stopped at once, the interrupted save was not made or was "
+                f"abandoned (nothing half-written is left); {where}")
+
     def cleanup(self) -> None:
+        for s, h in getattr(self, "_old_handlers", {}).items():  # first: a further Ctrl-C is the default's again
+            signal.signal(s, h)
         self.torch_settings.close()
         if getattr(self, "ema", None) is not None:
             self.ema.close()
-        for s, h in getattr(self, "_old_handlers", {}).items():
-            signal.signal(s, h)
         if getattr(self, "metrics", None):
             self.metrics.close()
         if getattr(self, "log_handler", None):

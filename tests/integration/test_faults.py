@@ -174,6 +174,99 @@ def assert_one_line_error(rc: int, err: str, *names: str, code: int = 2) -> None
         assert name in err, (name, err)
 
 
+class _NeedsCode:  # what a state file from elsewhere could carry: unpickling it would import and call code
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "needs code"])
+def test_an_unusable_trainer_state_is_a_one_line_error(tiny_sd_folder, dataset, tmp_path, capsys, damage):
+    import shutil
+    ckpt = shutil.copytree(tiny_sd_folder, tmp_path / "ckpts" / "t-ep01-gs00004")
+    state = ckpt / "trainer_state.pt"
+    fake = {"train_state": {"seed": 7, "epoch": 1}, "optimizers": {"unet": {"exp_avg": torch.zeros(1000)}}}
+    if damage == "needs code":
+        fake["callbacks"] = _NeedsCode()
+    torch.save(fake, state)
+    if damage == "truncated":  # a copy or a disk that stopped halfway
+        state.write_bytes(state.read_bytes()[:state.stat().st_size // 2])
+    elif damage == "empty":
+        state.write_bytes(b"")
+    rc = run_train(base_args(ckpt, dataset, tmp_path / "logs"))
+    out, err = capsys.readouterr()
+    assert_one_line_error(rc, err, str(state), "resume from another checkpoint", "delete")
+    assert "Traceback" not in out and "this must never run" not in out
+    if damage == "needs code":
+        assert "builtins.print" in err and "code execution" in err  # what it references
+
+
+@pytest.mark.parametrize("where", ["below a file", "is a file", "read-only"])
+def test_an_unwritable_logdir_is_a_one_line_error(tiny_sd_folder, dataset, tmp_path, capsys, monkeypatch, where):
+    blocker = tmp_path / "somefile.txt"
+    blocker.write_text("a regular file")
+    if where == "below a file":
+        logdir = blocker / "logs"
+    elif where == "is a file":
+        logdir = blocker
+    else:
+        logdir = tmp_path / "readonly"
+        logdir.mkdir(mode=0o555)
+        if os.geteuid() == 0:  # root writes into read-only folders: the refusal a user would get, simulated
+            mkdir = Path.mkdir
+
+            def refused(self, *args, **kwargs):
+                if logdir in self.parents:
+                    raise PermissionError(errno.EACCES, "Permission denied", str(self))
+                return mkdir(self, *args, **kwargs)
+            monkeypatch.setattr(Path, "mkdir", refused)
+    for extra in ([], ["--check"]):  # training and the data check both write there first
+        rc = run_train(base_args(tiny_sd_folder, dataset, logdir) + extra)
+        assert_one_line_error(rc, capsys.readouterr().err, str(logdir), "logdir")
+
+
+@pytest.mark.parametrize("earlier", [True, False])
+def test_a_second_signal_during_the_interrupted_save_ends_in_one_line(tiny_sd_folder, dataset, tmp_path, monkeypatch,
+                                                                    capsys, earlier):
+    """Ctrl-C, then Ctrl-C again while the interrupted checkpoint is written: exit 130 with one line naming the
+    checkpoint that is intact (it printed a KeyboardInterrupt traceback). Writes are atomic: nothing partial stays."""
+    first_signal_at = 6 if earlier else 2          # micro-steps; an epoch is 4 (8 images, batch 2)
+    losses, saves = [], []
+    original_loss, original_save = trainer_module.compute_loss, trainer_module.save_trainer_state
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        losses.append(1)
+        if len(losses) == first_signal_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_loss(*args, **kwargs)
+
+    def save_with_second_ctrl_c(folder, state):
+        saves.append(folder)
+        if folder.name.startswith("interrupted-"):
+            os.kill(os.getpid(), signal.SIGINT)
+        original_save(folder, state)
+
+    monkeypatch.setattr(trainer_module, "compute_loss", loss_then_ctrl_c)
+    monkeypatch.setattr(trainer_module, "save_trainer_state", save_with_second_ctrl_c)
+    logdir = tmp_path / "logs"
+    try:
+        rc = run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=3, save_every_n_epochs=1))
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C escaped as KeyboardInterrupt (a traceback on the console)")
+    out, err = capsys.readouterr()
+    assert rc == 130 and "Traceback" not in out + err
+    assert [p.name.split(".tmp")[0] for p in saves][-1].startswith("interrupted-")  # it was inside that save
+    run = only_run(logdir)
+    names = sorted(p.name for p in (run / "ckpts").iterdir())
+    log_lines = [line for line in next(run.glob("*.log")).read_text().splitlines() if "SIGINT again" in line]
+    assert len(log_lines) == 1, log_lines
+    if earlier:
+        assert names == ["t-ep01-gs00004", "t-ep01-gs00004.safetensors"]
+        assert f"newest complete checkpoint {run / 'ckpts' / 't-ep01-gs00004'} is intact" in log_lines[0]
+    else:
+        assert names == []
+        assert "this run wrote no checkpoint" in log_lines[0]
+
+
 def _write_config(path: Path, config: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config))
