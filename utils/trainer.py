@@ -174,6 +174,7 @@ class Trainer:
                 raise ConfigError("fused_backward_pass true cannot run here:\n  - " + "\n  - ".join(problems))
         self.stop_requested: str | None = None
         self._signals_seen, self._abort_signal = 0, None  # a second signal aborts (_install_signal_handlers)
+        self._batches = None  # the DataLoader iterator of the epoch in progress (_loader, _close_loader)
         self._stop_signal, self._save_agreed, self._images_synced = None, False, 0  # N processes: _agree_at_step
         self.nonfinite_run = 0
         self.out_of_memory = False
@@ -459,6 +460,8 @@ class Trainer:
                 raise  # not our handler's doing
             log.info(self._abort_message())
             return 143 if self._abort_signal == "SIGTERM" else 130
+        finally:
+            self._close_loader()
 
     def _train(self, final_outputs: bool) -> int:
         cfg, st = self.cfg, self.state
@@ -492,6 +495,7 @@ class Trainer:
             self._rescue_save()
             return 1
         finally:
+            self._close_loader()  # before the saves below: the workers' memory, and no prefetching meanwhile
             self._write_staged_log()
             bar.close()
             epochs_bar.close()
@@ -591,6 +595,7 @@ class Trainer:
             log.warning("not saving: with several processes the error may be on this one only; the last "
                         "checkpoint is intact")
             return
+        self._close_loader()  # its workers' memory, and no prefetching while saving
         try:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -625,10 +630,29 @@ class Trainer:
         dataset = BatchDataset(self.scan.items, plans[start:], seed=self.cfg.seed, epoch=epoch, first_position=start,
                                latents=self.latent_index)
         workers = self.cfg.num_workers if self.cfg.num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
-        return torch.utils.data.DataLoader(
+        loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=min(workers, len(dataset)),
             pin_memory=self.device.type == "cuda", worker_init_fn=_workers_ignore_stop_signals,
             prefetch_factor=4 if workers else None, persistent_workers=False)
+        self._close_loader()  # an earlier epoch's, left unfinished by a stop
+        self._batches = iter(loader)  # kept, so that _close_loader can end its workers whatever happens
+        return self._batches
+
+    def _close_loader(self) -> None:
+        """Ends the DataLoader's worker processes now and waits for them. Torch does this itself when the iterator
+        is exhausted or freed, but after an error the exception's traceback keeps the iterator (through the
+        epoch's frames) alive until the interpreter exits. There torch skips its shutdown, and multiprocessing's
+        exit handler sends the workers SIGTERM, which they ignore (_workers_ignore_stop_signals), then waits for
+        them forever: the run hung instead of ending. So every way out of train() and cleanup() closes it."""
+        batches, self._batches = self._batches, None
+        shutdown = getattr(batches, "_shutdown_workers", None)  # None: no workers (num_workers 0)
+        if shutdown is None:
+            return
+        shutdown()  # asks each worker to stop and joins it (torch waits 5 s for one that does not)
+        for worker in getattr(batches, "_workers", []):
+            if worker.is_alive():  # stuck (in a decode, on a file system): SIGKILL is not ignorable
+                worker.kill()
+                worker.join(timeout=5)
 
     def _encode_captions(self, captions: list[str]) -> torch.Tensor:
         if self.te_cache is not None:
@@ -1124,6 +1148,7 @@ class Trainer:
     def cleanup(self) -> None:
         for s, h in getattr(self, "_old_handlers", {}).items():  # first: a further Ctrl-C is the default's again
             signal.signal(s, h)
+        self._close_loader()
         self.torch_settings.close()
         if getattr(self, "ema", None) is not None:
             self.ema.close()
@@ -1159,5 +1184,6 @@ def _workers_ignore_stop_signals(_worker_id: int) -> None:
     # Ctrl-C goes to the whole process group; workers must keep feeding the batches the main process still needs.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # So does SIGTERM from torchrun/accelerate launch (os.killpg) or a scheduler: a worker killed by it makes the
-    # DataLoader raise in the main process before it can save. Workers exit with the main process anyway.
+    # DataLoader raise in the main process before it can save. Therefore multiprocessing's exit handler, which ends
+    # leftover workers with SIGTERM, cannot end them: Trainer._close_loader does, on every way out of train().
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

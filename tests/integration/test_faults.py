@@ -1,4 +1,6 @@
-"""No lost work on faults: signals, a kill during a save, a full disk, NaN losses."""
+"""No lost work on faults (signals, a kill during a save, a full disk, NaN losses), and faults that end in one line
+naming the file: unusable trainer state, unwritable logdir, a second Ctrl-C, unsupported models; no hang on a crash
+with loader workers; files readable by other users."""
 import errno
 import json
 import os
@@ -265,6 +267,57 @@ def test_a_second_signal_during_the_interrupted_save_ends_in_one_line(tiny_sd_fo
     else:
         assert names == []
         assert "this run wrote no checkpoint" in log_lines[0]
+
+
+def test_an_error_in_the_step_ends_the_run_and_its_loader_workers(tiny_sd_folder, dataset, tmp_path):
+    """An exception in the main process while DataLoader workers run: the process and its workers end within
+    seconds. It hung forever: the exception's traceback kept the loader alive until exit, where torch skips its
+    shutdown and multiprocessing waits for workers that ignore its SIGTERM (they must, for Ctrl-C to save)."""
+    raised, pids = tmp_path / "raised", tmp_path / "worker_pids"
+    runner = tmp_path / "runner.py"
+    runner.write_text(f"""
+import os, pathlib, sys
+sys.path.insert(0, {str(ROOT)!r})
+import utils.trainer as T
+ignore_signals, micro_step, calls = T._workers_ignore_stop_signals, T.Trainer._micro_step, []
+def recording_worker_init(worker_id):
+    with open({str(pids)!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    ignore_signals(worker_id)
+def failing_step(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:                 # the workers are running and prefetching by now
+        pathlib.Path({str(raised)!r}).write_text("")
+        raise RuntimeError("injected failure in the step")
+    return micro_step(self, *args, **kwargs)
+T._workers_ignore_stop_signals, T.Trainer._micro_step = recording_worker_init, failing_step
+import train
+sys.exit(train.main(sys.argv[1:]))
+""")
+    argv = base_args(tiny_sd_folder, dataset, tmp_path / "logs", num_workers=2, max_epochs=3)
+    proc = subprocess.Popen([sys.executable, str(runner), *argv], cwd=tmp_path, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+        except (FileNotFoundError, IndexError):
+            return False
+    workers = []
+    try:
+        assert wait_for(raised.exists, timeout=180), "training never reached its second step"
+        try:
+            out, _ = proc.communicate(timeout=30)  # also waits for the workers: they hold the output pipe too
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run did not end within 30 s of the error")
+        workers = [int(p) for p in pids.read_text().split()]
+    finally:
+        proc.kill()
+        for pid in [int(p) for p in pids.read_text().split()] if pids.exists() else []:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)  # the broken behaviour's orphans must not outlive the test
+    assert proc.returncode not in (0, None) and "injected failure in the step" in out
+    assert len(workers) == 2 and not any(alive(pid) for pid in workers)
 
 
 def _write_config(path: Path, config: dict) -> None:
