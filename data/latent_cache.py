@@ -34,6 +34,7 @@ import torch
 
 from data.buckets import nearest_bucket
 from data.transforms import BadImageError, crop_box, load_rgb, render_image
+from utils.file_writes import match_umask
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ def write_moments(path: Path, moments: torch.Tensor) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         save_file({TENSOR_NAME: moments.detach().to("cpu").contiguous().clone()}, str(tmp))
+        match_umask(tmp)  # save_file creates 0600; the cache may be shared with other users' runs
         os.replace(tmp, path)
     finally:
         if tmp.exists():

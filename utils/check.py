@@ -20,8 +20,8 @@ def check_data(cfg: TrainConfig) -> int:
     SampleConfigSource(cfg.sample_prompts, default_seed=cfg.seed, default_size=(resolutions[0], resolutions[0]),
                        default_steps=cfg.sample_num_steps, zero_terminal_snr=cfg.enable_zero_terminal_snr)
     load_validation_config(cfg.validation_config)
-    out = Path(cfg.logdir) / f"{cfg.project_name}-check"
-    out.mkdir(parents=True, exist_ok=True)
+    from utils.file_writes import create_folder
+    out = create_folder(Path(cfg.logdir) / f"{cfg.project_name}-check", "logdir")
     write_dataset_report(scan, out / "dataset.jsonl")
     log.info(summarize(scan))
     log.info(f"wrote {out / 'dataset.jsonl'}")

@@ -12,15 +12,18 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from utils.config_schema import ConfigError
+from utils.file_writes import match_umask
 
 STATE_FILE = "trainer_state.pt"
 TMP_SUFFIX = ".tmp"
@@ -77,6 +80,7 @@ def save_checkpoint_folder(final: Path, write_contents) -> Path:
     tmp.mkdir(parents=True)
     try:
         write_contents(tmp)
+        match_umask(tmp)  # save_pretrained's safetensors files are created 0600: readable by their owner only
         if final.exists():  # the same name again (e.g. a second save at one step): replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -97,11 +101,42 @@ def save_trainer_state(folder: Path, state: dict) -> None:
 
 
 def load_trainer_state(folder: Path) -> dict | None:
+    """The trainer state of a checkpoint folder, None if it has none, or ConfigError naming the file and what to
+    do when it cannot be used (truncated, damaged, needs code execution, not ours)."""
     path = Path(folder) / STATE_FILE
     if not path.exists():
         return None
-    # weights_only: a state file from elsewhere can never run code on load
-    return torch.load(path, map_location="cpu", weights_only=True)
+    advice = (f"resume from another checkpoint (an earlier one in {path.parent.parent}), or delete {path} to start "
+              f"a new run from this checkpoint's weights")
+    try:
+        # weights_only: a state file from elsewhere can never run code on load
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # noqa: BLE001 - only used to improve the message
+            names = []
+        if names:
+            raise ConfigError(f"{path}: the trainer state needs pickle code execution to load (it references "
+                              f"{', '.join(names[:5])}) and is refused, since such a file can run arbitrary code; "
+                              f"{advice}") from None
+        raise ConfigError(f"{path}: the trainer state is damaged ({_first_sentence(e)}); {advice}") from None
+    except EOFError:
+        raise ConfigError(f"{path}: the trainer state is empty (a copy or a save that did not finish?); "
+                          f"{advice}") from None
+    except (RuntimeError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"{path}: the trainer state is truncated or damaged ({_first_sentence(e)}); "
+                          f"{advice}") from None
+    if not (isinstance(state, dict) and isinstance(state.get("train_state"), dict)
+            and "seed" in state["train_state"]):
+        raise ConfigError(f"{path}: not a trainer state written by this trainer (no train_state in it); {advice}")
+    return state
+
+
+def _first_sentence(e: Exception) -> str:
+    # torch's messages run over several lines and paragraphs; the first sentence says what failed
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text.split(". ")[0].rstrip(".") or type(e).__name__
 
 
 def is_complete_checkpoint(folder: Path) -> bool:

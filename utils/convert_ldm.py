@@ -37,8 +37,14 @@ import torch
 
 try:
     from utils.config_schema import ConfigError
+    from utils.file_writes import match_umask
+    from utils.ldm_markers import MARKER_KEYS, V_PRED, marker_tensors, ztsnr_scheduler_config
+    from utils.model_arch import check_single_file_keys
 except ImportError:  # run as a file from inside utils/
     from config_schema import ConfigError  # type: ignore[no-redef]
+    from file_writes import match_umask  # type: ignore[no-redef]
+    from ldm_markers import MARKER_KEYS, V_PRED, marker_tensors, ztsnr_scheduler_config  # type: ignore[no-redef]
+    from model_arch import check_single_file_keys  # type: ignore[no-redef]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +90,8 @@ Fmt = Literal["safetensors", "ckpt"]
 
 def _temp_sibling(path: Path) -> Path:
     # Not tempfile.mkstemp/mkdtemp: those create 0600/0700 entries, and the renamed result must stay readable by
-    # a web UI running as another user, as any normally created file would be.
+    # a web UI running as another user, as any normally created file would be (safetensors' save_file creates
+    # 0600 files all the same: match_umask fixes those before the rename).
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
@@ -95,6 +102,7 @@ def _atomic_write(out_path: Path, write: Callable[[Path], None]) -> Path:
     tmp = _temp_sibling(out_path)
     try:
         write(tmp)
+        match_umask(tmp)
         os.replace(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -134,6 +142,7 @@ def read_single_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
+                check_single_file_keys(f.keys(), path)  # an SDXL file is refused before gigabytes are read
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError) as e:
             raise ConfigError(f"{path}: cannot read as .safetensors: {e}") from None
@@ -424,9 +433,11 @@ def schedule_buffers(scheduler_config: dict) -> dict[str, torch.Tensor]:
 
 def _cast(sd: dict[str, torch.Tensor], half: bool) -> dict[str, torch.Tensor]:
     """Floating weights to fp16 or fp32. Schedule buffers stay fp32 (web UIs sample with alphas_cumprod, and fp16
-    rounding of it changes images); integer buffers (position_ids) keep their dtype."""
+    rounding of it changes images), the empty markers too (as ComfyUI writes them); integer buffers (position_ids)
+    keep their dtype."""
     dtype = torch.float16 if half else torch.float32
-    return {k: v.to(dtype) if v.is_floating_point() and k not in SCHEDULE_BUFFERS else v for k, v in sd.items()}
+    keep = (*SCHEDULE_BUFFERS, *MARKER_KEYS)
+    return {k: v.to(dtype) if v.is_floating_point() and k not in keep else v for k, v in sd.items()}
 
 
 def _prediction_type(scheduler_config: dict) -> str:
@@ -486,14 +497,18 @@ def sidecar_name(version: str, prediction_type: str) -> str | None:
 
 
 def save_single_file(model_folder: Path, out_path: Path, *, half: bool = True, fmt: Fmt = "safetensors",
-                     base_folder: Path | None = None, unet_subfolder: str = "unet") -> Path:
+                     base_folder: Path | None = None, unet_subfolder: str = "unet",
+                     zero_terminal_snr: bool | None = None) -> Path:
     """Convert a diffusers SD1/SD2 folder (unet/, vae/, text_encoder/, scheduler/) into one LDM checkpoint.
 
     fp16 by default, fp32 with half=False. SD2 and v-prediction models also get `<stem>.yaml` next to the file
-    (v2-inference.yaml, v2-inference-v.yaml or v1-inference-v.yaml), which web UIs need to pick the right config.
-    Every file is written atomically. Returns out_path.
+    (v2-inference.yaml, v2-inference-v.yaml or v1-inference-v.yaml), which web UIs need to pick the right config,
+    and v-prediction models the empty `v_pred` marker tensor (utils/ldm_markers.py). Every file is written
+    atomically. Returns out_path.
     base_folder: where parts missing from model_folder (a checkpoint that saved only what it trains) are read.
     unet_subfolder: e.g. "ema_unet" to export the EMA weights instead.
+    zero_terminal_snr: whether the model was trained with zero terminal SNR (writes the `ztsnr` marker); None:
+    as the folder's scheduler config says (`rescale_betas_zero_snr`).
     """
     out_path = Path(out_path)
     if fmt not in ("safetensors", "ckpt"):
@@ -503,6 +518,10 @@ def save_single_file(model_folder: Path, out_path: Path, *, half: bool = True, f
         raise ConfigError(f"{out_path}: a {fmt} checkpoint must be named *{want}")
     sd, version, pred, unet_cfg = diffusers_folder_to_ldm(model_folder, base_folder=base_folder,
                                                           unet_subfolder=unet_subfolder)
+    if zero_terminal_snr is None:
+        d = _component_dirs(Path(model_folder), None if base_folder is None else Path(base_folder), unet_subfolder)
+        zero_terminal_snr = bool(_read_json(d["scheduler"] / "scheduler_config.json").get("rescale_betas_zero_snr"))
+    sd.update(marker_tensors(pred, zero_terminal_snr))
     _save_tensors(_cast(sd, half), out_path, fmt, _modelspec(version, pred, unet_cfg, out_path.stem))
     _write_sidecar(out_path, sidecar_name(version, pred))
     return out_path
@@ -528,8 +547,7 @@ def detect_version(sd: dict[str, torch.Tensor], source: str | Path) -> str:
     """'sd1' or 'sd2' from the key layout; ConfigError naming the file and what was expected otherwise."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-    if any(k.startswith("conditioner.embedders.") for k in sd):
-        raise ConfigError(f"{source}: this is an SDXL checkpoint; SDXL is not supported (SD1.x and SD2.x only)")
+    check_single_file_keys(sd, source)  # SDXL and other SGM-layout files
     kind = infer_diffusers_model_type(sd)  # 'v1' is also its answer for anything it does not recognise
     if kind not in ("v1", "v2"):
         raise ConfigError(f"{source}: this looks like a '{kind}' checkpoint; only SD1.x and SD2.x text-to-image "
@@ -567,8 +585,8 @@ def _yaml_prediction_type(yaml_path: Path) -> str:
 
 
 def resolve_prediction_type(path: Path, version: str, metadata: dict[str, str],
-                            prediction_type: str | None) -> str:
-    """Explicit argument > `<stem>.yaml` sidecar > safetensors ModelSpec header > epsilon.
+                            prediction_type: str | None, *, v_pred_marker: bool = False) -> str:
+    """Explicit argument > `<stem>.yaml` sidecar > safetensors ModelSpec header > `v_pred` marker tensor > epsilon.
 
     The weights of SD2 512-base (epsilon) and 768-v (v_prediction) look alike, so an SD2 768-v file with no
     sidecar and no header needs the argument; the default follows what web UIs do without a sidecar.
@@ -584,6 +602,8 @@ def resolve_prediction_type(path: Path, version: str, metadata: dict[str, str],
     spec = metadata.get("modelspec.prediction_type")
     if spec in ("v", "epsilon"):
         return "v_prediction" if spec == "v" else "epsilon"
+    if v_pred_marker:
+        return "v_prediction"
     if version == "sd2":
         log.warning("%s: SD2 file with no .yaml sidecar: assuming epsilon (SD2 512-base). For an SD2 768-v model "
                     "pass prediction_type='v_prediction' (CLI: --prediction_type v_prediction)", path)
@@ -693,11 +713,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def _scheduler_config(original_config: dict, prediction_type: str) -> dict:
+def _scheduler_config(original_config: dict, prediction_type: str, keys=()) -> dict:
+    """The yaml's noise schedule; a `ztsnr` marker among `keys` adds the zero-terminal-SNR settings."""
     p = original_config["model"]["params"]
     return dict(beta_schedule="scaled_linear", beta_start=float(p.get("linear_start", 0.00085)),
                 beta_end=float(p.get("linear_end", 0.012)), num_train_timesteps=int(p.get("timesteps", 1000)),
-                clip_sample=False, steps_offset=1, prediction_type=prediction_type)
+                clip_sample=False, steps_offset=1, prediction_type=prediction_type, **ztsnr_scheduler_config(keys))
 
 
 def write_diffusers_folder(sd: dict[str, torch.Tensor], out_folder: Path, *, unet_config: dict, vae_config: dict,
@@ -743,6 +764,7 @@ def write_diffusers_folder(sd: dict[str, torch.Tensor], out_folder: Path, *, une
             "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"]}, indent=2), encoding="utf-8")
+        match_umask(tmp)  # save_pretrained's safetensors files are created 0600
         if out_folder.exists():
             old = out_folder.with_name(f".{out_folder.name}.old-{os.getpid()}")
             os.replace(out_folder, old)
@@ -761,8 +783,9 @@ def single_file_to_diffusers(path: Path, out_folder: Path, *, prediction_type: s
     """Convert an SD1.x / SD2.x LDM `.safetensors` or `.ckpt` into a diffusers folder, offline.
 
     The version comes from the keys (SD2: `cond_stage_model.model.*`). The prediction type comes from the
-    argument, else a `<stem>.yaml` sidecar (`parameterization: "v"`), else the file's ModelSpec header, else
-    epsilon, so an SD2 768-v file with neither needs prediction_type="v_prediction".
+    argument, else a `<stem>.yaml` sidecar (`parameterization: "v"`), else the file's ModelSpec header, else its
+    `v_pred` marker, else epsilon, so an SD2 768-v file with none of these needs prediction_type="v_prediction".
+    A `ztsnr` marker sets `rescale_betas_zero_snr` and trailing timesteps in the scheduler config.
     config_folder: a diffusers folder whose unet/vae/text_encoder configs (and tokenizer/, if any) describe a
     non-standard architecture; by default the shipped LDM yamls and the release CLIP configs are used.
     Returns out_folder, which `StableDiffusionPipeline.from_pretrained` loads with HF_HUB_OFFLINE=1.
@@ -770,7 +793,7 @@ def single_file_to_diffusers(path: Path, out_folder: Path, *, prediction_type: s
     path = Path(path)
     sd, meta = read_single_file(path)
     version = detect_version(sd, path)
-    pred = resolve_prediction_type(path, version, meta, prediction_type)
+    pred = resolve_prediction_type(path, version, meta, prediction_type, v_pred_marker=V_PRED in sd)
     original_config = load_original_config(version, pred)
     tokenizer_from = None
     if config_folder is not None:
@@ -784,7 +807,7 @@ def single_file_to_diffusers(path: Path, out_folder: Path, *, prediction_type: s
         unet_cfg, vae_cfg = diffusers_configs_from_ldm(original_config, sd, version)
         text_cfg = dict(TEXT_CONFIGS[version])
     return write_diffusers_folder(sd, out_folder, unet_config=unet_cfg, vae_config=vae_cfg, text_config=text_cfg,
-                                  scheduler_config=_scheduler_config(original_config, pred),
+                                  scheduler_config=_scheduler_config(original_config, pred, sd),
                                   tokenizer_from=tokenizer_from, pad_token=PAD_TOKENS[version], overwrite=overwrite,
                                   source=path)
 
@@ -795,12 +818,12 @@ def single_file_to_diffusers(path: Path, out_folder: Path, *, prediction_type: s
 
 def prune_state_dict(sd: dict[str, torch.Tensor], *, half: bool = True, use_ema: bool = False
                      ) -> dict[str, torch.Tensor]:
-    """Keep the UNet, VAE, text encoder and schedule buffers; drop `model_ema.*` and everything else.
+    """Keep the UNet, VAE, text encoder, schedule buffers and markers; drop `model_ema.*` and everything else.
 
     use_ema: take the UNet weights from the EMA copy, which LDM stores flattened
     (`model.diffusion_model.a.b.weight` -> `model_ema.diffusion_modelabweight`).
     """
-    out = {k: v for k, v in sd.items() if k.startswith(MODEL_PREFIXES) or k in SCHEDULE_BUFFERS}
+    out = {k: v for k, v in sd.items() if k.startswith(MODEL_PREFIXES) or k in SCHEDULE_BUFFERS or k in MARKER_KEYS}
     if use_ema:
         flat = {k: "model_ema." + "".join(k.split(".")[1:]) for k in out if k.startswith(UNET_PREFIX)}
         absent = [k for k, e in flat.items() if e not in sd]
@@ -846,6 +869,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--base", type=Path, default=None,
                    help="diffusers folder to take parts missing from model_folder from (e.g. vae/, scheduler/)")
     a.add_argument("--unet-subfolder", default="unet", help="UNet subfolder to export, e.g. ema_unet")
+    a.add_argument("--zero-terminal-snr", action="store_const", const=True, default=None,
+                   help="mark the model as trained with zero terminal SNR (ztsnr); default: as its scheduler config says")
     b = sub.add_parser("to-diffusers", help=".safetensors/.ckpt -> diffusers folder")
     b.add_argument("file", type=Path)
     b.add_argument("out_folder", type=Path)
@@ -867,7 +892,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "to-single":
             fmt: Fmt = "ckpt" if args.ckpt or args.out.suffix.lower() == ".ckpt" else "safetensors"
             out = save_single_file(args.model_folder, args.out, half=not args.fp32, fmt=fmt, base_folder=args.base,
-                                   unet_subfolder=args.unet_subfolder)
+                                   unet_subfolder=args.unet_subfolder, zero_terminal_snr=args.zero_terminal_snr)
             sidecar = out.with_suffix(".yaml")
             print(f"wrote {out}" + (f" and {sidecar}" if sidecar.is_file() else ""))
         elif args.command == "to-diffusers":

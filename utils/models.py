@@ -17,6 +17,7 @@ import torch
 
 from utils.builtin_models import BUILTIN_PREFIX, BUILTINS, builtin_folder
 from utils.config_schema import ConfigError
+from utils.model_arch import check_diffusers_folder
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -61,6 +62,7 @@ def resolve_model_folder(source: str, cache_root: Path, prediction_type: str | N
         return out
     if path.exists():
         if _is_diffusers_folder(path):
+            check_diffusers_folder(path)  # SDXL and other families: refused by their configs, not at the first step
             return path
         raise ConfigError(f"resume_ckpt: {path} is not a diffusers model folder (expected unet/ and "
                           f"text_encoder/ inside it) nor a .safetensors/.ckpt file")
@@ -74,15 +76,19 @@ def _download_from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     patterns = ["model_index.json", "unet/*", "text_encoder/*", "vae/*", "tokenizer/*", "scheduler/*"]
-    try:
-        # Only the diffusers parts, and safetensors weights where the repo has them.
-        folder = snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=["*.bin", "*.ckpt",
-                                   "*fp16*", "*.msgpack", "*.onnx*"], local_files_only=offline)
-    except Exception as e:  # the hub client raises many kinds; all mean "not available here"
-        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
-        raise ConfigError(f"resume_ckpt: cannot get hub model '{repo_id}' ({why}); download it once with network "
-                          f"access or give a local diffusers folder") from None
-    folder = Path(folder)
+
+    def download(allow_patterns: list[str]) -> Path:
+        try:
+            # Only the diffusers parts, and safetensors weights where the repo has them.
+            return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, ignore_patterns=[
+                "*.bin", "*.ckpt", "*fp16*", "*.msgpack", "*.onnx*"], local_files_only=offline))
+        except Exception as e:  # the hub client raises many kinds; all mean "not available here"
+            why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
+            raise ConfigError(f"resume_ckpt: cannot get hub model '{repo_id}' ({why}); download it once with "
+                              f"network access or give a local diffusers folder") from None
+    # the configs first: a model of another family (SDXL) is refused before gigabytes of its weights come down
+    check_diffusers_folder(download(["model_index.json", "unet/config.json"]))
+    folder = download(patterns)
     if not _is_diffusers_folder(folder) or not any((folder / "unet").glob("*.safetensors")):
         raise ConfigError(f"resume_ckpt: hub model '{repo_id}' has no diffusers UNet/text encoder in safetensors")
     return folder
@@ -94,6 +100,7 @@ def load_sd_model(folder: Path, prediction_type: str | None = None) -> SDModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    check_diffusers_folder(folder)  # whatever the folder's origin (findlast, ema_resume_model): before any weight
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.float32)

@@ -31,13 +31,14 @@ from optimizer.build import (build_optimizer_parts, current_lr, describe, eval_w
 from optimizer.config import load_optimizer_config, optimizer_config_to_json
 from utils.compile_shapes import (CompiledShapes, choose_shapes, describe_shape, eager_unless, first_line,
                                   is_compile_error, shape_of_batch, shape_of_plan)
-from utils.checkpoint import (TrainState, capture_rng, checkpoint_name, find_last, load_trainer_state,
-                              prune_checkpoints, restore_rng, save_checkpoint_folder, save_trainer_state,
-                              write_json_atomic)
+from utils.checkpoint import (STATE_FILE, TrainState, capture_rng, checkpoint_name, find_last, list_checkpoints,
+                              load_trainer_state, prune_checkpoints, restore_rng, save_checkpoint_folder,
+                              save_trainer_state, write_json_atomic)
 from utils.config import TrainConfig, config_to_dict, reload_live_settings
 from utils.config_schema import ConfigError
 from utils.convert_ldm import save_single_file
 from utils.ema import EMA, ema_decay_from_target, ema_weights
+from utils.file_writes import create_folder
 from utils.losses import mask_to_latent_weight, use_mask_this_step
 from utils.models import load_sd_model, resolve_model_folder
 from utils.noise import make_noise_scheduler, sampling_settings
@@ -175,7 +176,8 @@ class Trainer:
             if problems:
                 raise ConfigError("fused_backward_pass true cannot run here:\n  - " + "\n  - ".join(problems))
         self.stop_requested: str | None = None
-        self._signals_seen = 0
+        self._signals_seen, self._abort_signal = 0, None  # a second signal aborts (_install_signal_handlers)
+        self._batches = None  # the DataLoader iterator of the epoch in progress (_loader, _close_loader)
         self._stop_signal, self._save_agreed, self._images_synced = None, False, 0  # N processes: _agree_at_step
         self.nonfinite_run = 0
         self.out_of_memory = False
@@ -253,8 +255,8 @@ class Trainer:
         stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
         broadcast_object_list(stamp)  # every process writes into the same run folder name
         run_dir = Path(self.cfg.logdir) / f"{self.cfg.project_name}-{stamp[0]}"
-        if self.is_main:
-            (run_dir / "ckpts").mkdir(parents=True, exist_ok=True)
+        if self.is_main:  # an unwritable logdir stops the run here, before anything loads
+            create_folder(run_dir / "ckpts", "logdir")
         return run_dir
 
     def _scan_data(self):
@@ -459,10 +461,22 @@ class Trainer:
     # ------------------------------------------------------------------ train
     def train(self, final_outputs: bool = True) -> int:
         """Train to max_epochs / max_steps; then sample and save (final_outputs=False skips both: benchmarks).
-        Returns the process exit code: 0 done, 130/143 stopped by SIGINT/SIGTERM, 1 stopped by an error."""
+        Returns the process exit code: 0 done, 130/143 stopped by SIGINT/SIGTERM (also when a second one
+        aborted the interrupted save), 1 stopped by an error."""
+        self._install_signal_handlers()
+        try:
+            return self._train(final_outputs)
+        except KeyboardInterrupt:
+            if self._abort_signal is None:
+                raise  # not our handler's doing
+            log.info(self._abort_message())
+            return 143 if self._abort_signal == "SIGTERM" else 130
+        finally:
+            self._close_loader()
+
+    def _train(self, final_outputs: bool) -> int:
         cfg, st = self.cfg, self.state
         from tqdm.auto import tqdm
-        self._install_signal_handlers()
         self.last_save_time = self.started = time.monotonic()
         epochs_bar = tqdm(total=cfg.max_epochs, initial=st.epoch, disable=not self.is_main, unit="epoch",
                           position=0, desc="epochs", dynamic_ncols=True)
@@ -492,6 +506,7 @@ class Trainer:
             self._rescue_save()
             return 1
         finally:
+            self._close_loader()  # before the saves below: the workers' memory, and no prefetching meanwhile
             self._write_staged_log()
             bar.close()
             epochs_bar.close()
@@ -591,6 +606,7 @@ class Trainer:
             log.warning("not saving: with several processes the error may be on this one only; the last "
                         "checkpoint is intact")
             return
+        self._close_loader()  # its workers' memory, and no prefetching while saving
         try:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -625,10 +641,29 @@ class Trainer:
         dataset = BatchDataset(self.scan.items, plans[start:], seed=self.cfg.seed, epoch=epoch, first_position=start,
                                latents=self.latent_index)
         workers = self.cfg.num_workers if self.cfg.num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
-        return torch.utils.data.DataLoader(
+        loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, shuffle=False, num_workers=min(workers, len(dataset)),
             pin_memory=self.device.type == "cuda", worker_init_fn=_workers_ignore_stop_signals,
             prefetch_factor=4 if workers else None, persistent_workers=False)
+        self._close_loader()  # an earlier epoch's, left unfinished by a stop
+        self._batches = iter(loader)  # kept, so that _close_loader can end its workers whatever happens
+        return self._batches
+
+    def _close_loader(self) -> None:
+        """Ends the DataLoader's worker processes now and waits for them. Torch does this itself when the iterator
+        is exhausted or freed, but after an error the exception's traceback keeps the iterator (through the
+        epoch's frames) alive until the interpreter exits. There torch skips its shutdown, and multiprocessing's
+        exit handler sends the workers SIGTERM, which they ignore (_workers_ignore_stop_signals), then waits for
+        them forever: the run hung instead of ending. So every way out of train() and cleanup() closes it."""
+        batches, self._batches = self._batches, None
+        shutdown = getattr(batches, "_shutdown_workers", None)  # None: no workers (num_workers 0)
+        if shutdown is None:
+            return
+        shutdown()  # asks each worker to stop and joins it (torch waits 5 s for one that does not)
+        for worker in getattr(batches, "_workers", []):
+            if worker.is_alive():  # stuck (in a decode, on a file system): SIGKILL is not ignorable
+                worker.kill()
+                worker.join(timeout=5)
 
     def _encode_captions(self, captions: list[str]) -> torch.Tensor:
         if self.te_cache is not None:
@@ -1012,7 +1047,8 @@ class Trainer:
                 out_dir = Path(cfg.save_ckpt_dir) if cfg.save_ckpt_dir else self.run_dir / "ckpts"
                 out_dir.mkdir(parents=True, exist_ok=True)
                 path = save_single_file(folder, out_dir / f"{folder.name}.safetensors",
-                                        half=not cfg.save_full_precision)
+                                        half=not cfg.save_full_precision,
+                                        zero_terminal_snr=cfg.enable_zero_terminal_snr)
                 log.info(f"saved {path}")
         prune_checkpoints(self.run_dir / "ckpts", cfg.keep_last_n, protect={final})
         return final
@@ -1132,8 +1168,9 @@ class Trainer:
     def _install_signal_handlers(self) -> None:
         def handler(signum, _frame):
             self._signals_seen += 1
-            if self._signals_seen > 1:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now, no save
+            if self._signals_seen > 1:  # a second Ctrl-C: stop now, no save; train() reports it in one line
+                self._abort_signal = signal.Signals(signum).name
+                raise KeyboardInterrupt
             if self.accelerator.num_processes > 1:  # it may reach only some processes: _agree_at_step decides
                 self._stop_signal = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
                 log.warning(f"\n{self._stop_signal} received by process {self.accelerator.process_index}: all "
@@ -1143,12 +1180,26 @@ class Trainer:
             log.info(f"\n{self.stop_requested} received: stopping after this step (again to abort without saving)")
         self._old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
+    def _abort_message(self) -> str:
+        """One line after a second SIGINT/SIGTERM: what was abandoned and which checkpoint to resume from.
+        Every save is written under a temporary name and renamed when complete, so nothing half-written is left."""
+        done = list_checkpoints(self.run_dir / "ckpts") if self.is_main else []
+        if done:
+            where = f"the newest complete checkpoint {done[-1]} is intact (resume: --resume_ckpt {done[-1]})"
+        elif (self.model_folder / STATE_FILE).is_file():
+            where = f"this run wrote no checkpoint; the one it resumed from, {self.model_folder}, is intact"
+        else:
+            where = "this run wrote no checkpoint"
+        return (f"error: {self._abort_signal} again: stopped at once, the interrupted save was not made or was "
+                f"abandoned (nothing half-written is left); {where}")
+
     def cleanup(self) -> None:
+        for s, h in getattr(self, "_old_handlers", {}).items():  # first: a further Ctrl-C is the default's again
+            signal.signal(s, h)
+        self._close_loader()
         self.torch_settings.close()
         if getattr(self, "ema", None) is not None:
             self.ema.close()
-        for s, h in getattr(self, "_old_handlers", {}).items():
-            signal.signal(s, h)
         if getattr(self, "metrics", None):
             self.metrics.close()
         if getattr(self, "log_handler", None):
@@ -1181,5 +1232,6 @@ def _workers_ignore_stop_signals(_worker_id: int) -> None:
     # Ctrl-C goes to the whole process group; workers must keep feeding the batches the main process still needs.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # So does SIGTERM from torchrun/accelerate launch (os.killpg) or a scheduler: a worker killed by it makes the
-    # DataLoader raise in the main process before it can save. Workers exit with the main process anyway.
+    # DataLoader raise in the main process before it can save. Therefore multiprocessing's exit handler, which ends
+    # leftover workers with SIGTERM, cannot end them: Trainer._close_loader does, on every way out of train().
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1,5 +1,8 @@
-"""No lost work on faults: signals, a kill during a save, a full disk, NaN losses."""
+"""No lost work on faults (signals, a kill during a save, a full disk, NaN losses), and faults that end in one line
+naming the file: unusable trainer state, unwritable logdir, a second Ctrl-C, unsupported models; no hang on a crash
+with loader workers; files readable by other users."""
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -160,3 +163,223 @@ def test_full_disk_in_the_single_file_export_is_a_clear_error(tiny_sd_folder, da
     err = capsys.readouterr().err
     assert "disk full" in err and "Traceback" not in err
     assert find_last(logdir).name == "last-t-ep01-gs00004"  # the checkpoint folder itself was complete
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input and faults end in one line naming the file (issue 21)
+# ---------------------------------------------------------------------------------------------------------------
+
+def assert_one_line_error(rc: int, err: str, *names: str, code: int = 2) -> None:
+    assert rc == code, err
+    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
+    for name in names:
+        assert name in err, (name, err)
+
+
+class _NeedsCode:  # what a state file from elsewhere could carry: unpickling it would import and call code
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "needs code"])
+def test_an_unusable_trainer_state_is_a_one_line_error(tiny_sd_folder, dataset, tmp_path, capsys, damage):
+    import shutil
+    ckpt = shutil.copytree(tiny_sd_folder, tmp_path / "ckpts" / "t-ep01-gs00004")
+    state = ckpt / "trainer_state.pt"
+    fake = {"train_state": {"seed": 7, "epoch": 1}, "optimizers": {"unet": {"exp_avg": torch.zeros(1000)}}}
+    if damage == "needs code":
+        fake["callbacks"] = _NeedsCode()
+    torch.save(fake, state)
+    if damage == "truncated":  # a copy or a disk that stopped halfway
+        state.write_bytes(state.read_bytes()[:state.stat().st_size // 2])
+    elif damage == "empty":
+        state.write_bytes(b"")
+    rc = run_train(base_args(ckpt, dataset, tmp_path / "logs"))
+    out, err = capsys.readouterr()
+    assert_one_line_error(rc, err, str(state), "resume from another checkpoint", "delete")
+    assert "Traceback" not in out and "this must never run" not in out
+    if damage == "needs code":
+        assert "builtins.print" in err and "code execution" in err  # what it references
+
+
+@pytest.mark.parametrize("where", ["below a file", "is a file", "read-only"])
+def test_an_unwritable_logdir_is_a_one_line_error(tiny_sd_folder, dataset, tmp_path, capsys, monkeypatch, where):
+    blocker = tmp_path / "somefile.txt"
+    blocker.write_text("a regular file")
+    if where == "below a file":
+        logdir = blocker / "logs"
+    elif where == "is a file":
+        logdir = blocker
+    else:
+        logdir = tmp_path / "readonly"
+        logdir.mkdir(mode=0o555)
+        if os.geteuid() == 0:  # root writes into read-only folders: the refusal a user would get, simulated
+            mkdir = Path.mkdir
+
+            def refused(self, *args, **kwargs):
+                if logdir in self.parents:
+                    raise PermissionError(errno.EACCES, "Permission denied", str(self))
+                return mkdir(self, *args, **kwargs)
+            monkeypatch.setattr(Path, "mkdir", refused)
+    for extra in ([], ["--check"]):  # training and the data check both write there first
+        rc = run_train(base_args(tiny_sd_folder, dataset, logdir) + extra)
+        assert_one_line_error(rc, capsys.readouterr().err, str(logdir), "logdir")
+
+
+@pytest.mark.parametrize("earlier", [True, False])
+def test_a_second_signal_during_the_interrupted_save_ends_in_one_line(tiny_sd_folder, dataset, tmp_path, monkeypatch,
+                                                                    capsys, earlier):
+    """Ctrl-C, then Ctrl-C again while the interrupted checkpoint is written: exit 130 with one line naming the
+    checkpoint that is intact (it printed a KeyboardInterrupt traceback). Writes are atomic: nothing partial stays."""
+    first_signal_at = 6 if earlier else 2          # micro-steps; an epoch is 4 (8 images, batch 2)
+    losses, saves = [], []
+    original_loss, original_save = trainer_module.compute_loss, trainer_module.save_trainer_state
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        losses.append(1)
+        if len(losses) == first_signal_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_loss(*args, **kwargs)
+
+    def save_with_second_ctrl_c(folder, state):
+        saves.append(folder)
+        if folder.name.startswith("interrupted-"):
+            os.kill(os.getpid(), signal.SIGINT)
+        original_save(folder, state)
+
+    monkeypatch.setattr(trainer_module, "compute_loss", loss_then_ctrl_c)
+    monkeypatch.setattr(trainer_module, "save_trainer_state", save_with_second_ctrl_c)
+    logdir = tmp_path / "logs"
+    try:
+        rc = run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=3, save_every_n_epochs=1))
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C escaped as KeyboardInterrupt (a traceback on the console)")
+    out, err = capsys.readouterr()
+    assert rc == 130 and "Traceback" not in out + err
+    assert [p.name.split(".tmp")[0] for p in saves][-1].startswith("interrupted-")  # it was inside that save
+    run = only_run(logdir)
+    names = sorted(p.name for p in (run / "ckpts").iterdir())
+    log_lines = [line for line in next(run.glob("*.log")).read_text().splitlines() if "SIGINT again" in line]
+    assert len(log_lines) == 1, log_lines
+    if earlier:
+        assert names == ["t-ep01-gs00004", "t-ep01-gs00004.safetensors"]
+        assert f"newest complete checkpoint {run / 'ckpts' / 't-ep01-gs00004'} is intact" in log_lines[0]
+    else:
+        assert names == []
+        assert "this run wrote no checkpoint" in log_lines[0]
+
+
+def test_an_error_in_the_step_ends_the_run_and_its_loader_workers(tiny_sd_folder, dataset, tmp_path):
+    """An exception in the main process while DataLoader workers run: the process and its workers end within
+    seconds. It hung forever: the exception's traceback kept the loader alive until exit, where torch skips its
+    shutdown and multiprocessing waits for workers that ignore its SIGTERM (they must, for Ctrl-C to save)."""
+    raised, pids = tmp_path / "raised", tmp_path / "worker_pids"
+    runner = tmp_path / "runner.py"
+    runner.write_text(f"""
+import os, pathlib, sys
+sys.path.insert(0, {str(ROOT)!r})
+import utils.trainer as T
+ignore_signals, micro_step, calls = T._workers_ignore_stop_signals, T.Trainer._micro_step, []
+def recording_worker_init(worker_id):
+    with open({str(pids)!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    ignore_signals(worker_id)
+def failing_step(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:                 # the workers are running and prefetching by now
+        pathlib.Path({str(raised)!r}).write_text("")
+        raise RuntimeError("injected failure in the step")
+    return micro_step(self, *args, **kwargs)
+T._workers_ignore_stop_signals, T.Trainer._micro_step = recording_worker_init, failing_step
+import train
+sys.exit(train.main(sys.argv[1:]))
+""")
+    argv = base_args(tiny_sd_folder, dataset, tmp_path / "logs", num_workers=2, max_epochs=3)
+    proc = subprocess.Popen([sys.executable, str(runner), *argv], cwd=tmp_path, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+        except (FileNotFoundError, IndexError):
+            return False
+    workers = []
+    try:
+        assert wait_for(raised.exists, timeout=180), "training never reached its second step"
+        try:
+            out, _ = proc.communicate(timeout=30)  # also waits for the workers: they hold the output pipe too
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run did not end within 30 s of the error")
+        workers = [int(p) for p in pids.read_text().split()]
+    finally:
+        proc.kill()
+        for pid in [int(p) for p in pids.read_text().split()] if pids.exists() else []:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)  # the broken behaviour's orphans must not outlive the test
+    assert proc.returncode not in (0, None) and "injected failure in the step" in out
+    assert len(workers) == 2 and not any(alive(pid) for pid in workers)
+
+
+def _write_config(path: Path, config: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config))
+
+
+def test_an_sdxl_model_is_refused_before_training(dataset, tmp_path, capsys):
+    """An SDXL diffusers folder loaded as SD1 and failed at the first step with a TypeError. Its configs alone
+    (no weights here) must refuse it, naming it."""
+    folder = tmp_path / "sdxl"
+    _write_config(folder / "model_index.json", {
+        "_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]})
+    _write_config(folder / "unet" / "config.json", {"_class_name": "UNet2DConditionModel", "in_channels": 4,
+                                                    "addition_embed_type": "text_time", "cross_attention_dim": 2048})
+    _write_config(folder / "text_encoder" / "config.json", {"hidden_size": 768})
+    _write_config(folder / "text_encoder_2" / "config.json", {"hidden_size": 1280})
+    rc = run_train(base_args(folder, dataset, tmp_path / "logs"))
+    err = capsys.readouterr().err
+    assert_one_line_error(rc, err)
+    assert err == (f"error: {folder} is an SDXL model (StableDiffusionXLPipeline, text_encoder_2/, unet "
+                   f"addition_embed_type 'text_time'); this trainer supports SD1.x and SD2.x\n")
+    # a single file, by its key names
+    from safetensors.torch import save_file
+    single = tmp_path / "sdxl.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4),
+               "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(4),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+               "first_stage_model.encoder.conv_in.weight": torch.zeros(8, 3, 3, 3)}, str(single))
+    rc = run_train(base_args(single, dataset, tmp_path / "logs2"))
+    err = capsys.readouterr().err
+    assert_one_line_error(rc, err, f"{single} is an SDXL model", "this trainer supports SD1.x and SD2.x")
+
+
+def test_every_file_of_a_run_gets_the_permissions_the_umask_gives(dataset, tmp_path):
+    """Another user (a web UI's) must be able to read what the trainer writes: safetensors' save_file creates
+    0600 files, so exported models, checkpoint weights and the latent cache were readable by their owner only."""
+    logdir = tmp_path / "logs"
+    old = os.umask(0o022)
+    try:
+        rc = run_train(base_args("builtin:tiny-sd", dataset, logdir, max_epochs=1, cache_latents=True,
+                                 ema_decay_rate=0.9))
+    finally:
+        os.umask(old)
+    assert rc == 0
+    files, wrong = 0, []
+    for root, dirs, names in os.walk(logdir):
+        for d in dirs:
+            if os.stat(os.path.join(root, d)).st_mode & 0o777 != 0o755:
+                wrong.append((os.path.join(root, d), oct(os.stat(os.path.join(root, d)).st_mode & 0o777)))
+        for n in names:
+            files += 1
+            mode = os.stat(os.path.join(root, n)).st_mode & 0o777
+            if mode != 0o644:
+                wrong.append((os.path.join(root, n), oct(mode)))
+    assert not wrong, wrong[:10]
+    run = only_run(logdir)
+    # what was checked: the exports, checkpoint weights and state, the built-in model, the latent cache, samples
+    for pattern in ("ckpts/*.safetensors", "ckpts/last-*/unet/*.safetensors", "ckpts/last-*/trainer_state.pt",
+                    "ckpts/*_ema/unet/*.safetensors", "samples/*.jpg", "dataset.jsonl", "*.log", "events.out.*"):
+        assert list(run.glob(pattern)), pattern
+    assert list((logdir / ".models").rglob("*.safetensors")) and list((logdir / ".latent_cache").rglob("*.safetensors"))
+    assert files > 30

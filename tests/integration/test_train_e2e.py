@@ -41,6 +41,24 @@ def test_train_writes_run_folder_checkpoint_and_logs(tiny_sd_folder, dataset, tm
     pipe = StableDiffusionPipeline.from_pretrained(ckpts[0], safety_checker=None, requires_safety_checker=False)
     assert pipe.unet is not None
     assert (run / "ckpts" / "last-t-ep02-gs00008.safetensors").exists()
+    from safetensors import safe_open
+    with safe_open(str(run / "ckpts" / "last-t-ep02-gs00008.safetensors"), "pt") as f:
+        assert not {"v_pred", "ztsnr"} & set(f.keys())  # epsilon, no zero terminal SNR: no markers
+
+
+def test_a_v_prediction_zero_terminal_snr_run_marks_its_single_files(dataset, tmp_path):
+    """ComfyUI reads `v_pred` / `ztsnr` from the state dict, not the header or the sidecar (doc/CONVERSION.md)."""
+    logdir = tmp_path / "logs"
+    assert run_train(base_args("builtin:tiny-sd-v", dataset, logdir, max_epochs=1, enable_zero_terminal_snr=True,
+                               ema_decay_rate=0.9)) == 0
+    from safetensors import safe_open
+    exports = sorted((only_run(logdir) / "ckpts").glob("*.safetensors"))
+    assert [p.name for p in exports] == ["last-t-ep01-gs00004.safetensors", "last-t-ep01-gs00004_ema.safetensors"]
+    for path in exports:
+        with safe_open(str(path), "pt") as f:
+            assert {"v_pred", "ztsnr"} <= set(f.keys()) and f.get_tensor("v_pred").numel() == 0
+            assert f.metadata()["modelspec.prediction_type"] == "v"
+        assert path.with_suffix(".yaml").is_file()
 
 
 def test_weights_change_and_frozen_text_encoder_is_byte_identical(tiny_sd_folder, dataset, tmp_path):

@@ -209,6 +209,7 @@ def test_export_default_is_fp16_safetensors_without_sidecar(sd1, tmp_path):
     assert {dtypes[k] for k in C.SCHEDULE_BUFFERS} == {torch.float32}
     assert dtypes["cond_stage_model.transformer.text_model.embeddings.position_ids"] == torch.int64
     assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.prediction_type"] == "epsilon"
+    assert not set(dtypes) & {"v_pred", "ztsnr"}  # an epsilon model without zero terminal SNR has no markers
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temp files left
 
 
@@ -266,6 +267,50 @@ def test_sidecar_choice_and_stale_sidecar_removed(sd1, sd2v, tmp_path):
     user_yaml.write_text("model: {params: {}}  # the user's own\n")
     C.save_single_file(sd1, tmp_path / "keep.safetensors")
     assert user_yaml.is_file()  # only our own shipped sidecars are ever removed
+
+
+@pytest.fixture(scope="module")
+def sd1v(sd1, tmp_path_factory) -> Path:
+    """The SD1 tiny model as a v-prediction model."""
+    import shutil
+    folder = shutil.copytree(sd1, tmp_path_factory.mktemp("sd1v") / "model")
+    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "prediction_type": "v_prediction"}))
+    return folder
+
+
+def test_v_prediction_and_zero_terminal_snr_markers(sd1v, reference, tmp_path):
+    """ComfyUI's convention: empty `v_pred` / `ztsnr` tensors; the header and the sidecar stay as they were."""
+    out = C.save_single_file(sd1v, tmp_path / "v.safetensors", zero_terminal_snr=True)
+    sd, meta = C.read_single_file(out)
+    # exactly these two keys beyond the release's (the tiny model's names are real SD1.5 names)
+    assert set(sd) - set(reference["sd15"]) == {"v_pred", "ztsnr"}
+    for key in ("v_pred", "ztsnr"):
+        assert sd[key].shape == (0,) and sd[key].dtype == torch.float32
+    assert meta["modelspec.prediction_type"] == "v"
+    assert out.with_suffix(".yaml").read_bytes() == (C.CONFIG_DIR / "v1-inference-v.yaml").read_bytes()
+    assert "ztsnr" not in C.read_single_file(C.save_single_file(sd1v, tmp_path / "plain.safetensors"))[0]
+
+    # diffusers' own single-file loader ignores the markers
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(sd1v), local_files_only=True,
+                                                    safety_checker=None, requires_safety_checker=False)
+    assert_same_tensors(_weights(sd1v)["unet"], pipe.unet.state_dict(), dtype=torch.float16)
+
+    # import reads the markers alone (a file as ComfyUI saves it: no ModelSpec header, no sidecar)
+    from safetensors.torch import save_file
+    bare = tmp_path / "bare" / "comfy.safetensors"
+    bare.parent.mkdir()
+    save_file(sd, str(bare))
+    back = C.single_file_to_diffusers(bare, tmp_path / "back", config_folder=sd1v)
+    sched = json.loads((back / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction"
+    assert sched["rescale_betas_zero_snr"] is True and sched["timestep_spacing"] == "trailing"
+    forced = C.single_file_to_diffusers(bare, tmp_path / "forced", config_folder=sd1v, prediction_type="epsilon")
+    assert json.loads((forced / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+    # and a round trip keeps them: the imported folder's scheduler config says zero terminal SNR
+    again, _ = C.read_single_file(C.save_single_file(back, tmp_path / "again.safetensors"))
+    assert {"v_pred", "ztsnr"} <= set(again)
 
 
 def test_shipped_yamls_give_the_release_configs(reference):
@@ -463,8 +508,16 @@ def test_unknown_layout_sdxl_and_missing_file(tmp_path, sd1):
     assert str(diffusers_style) in str(e.value) and "cond_stage_model" in str(e.value)
     sdxl = {"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2),
             "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}
-    with pytest.raises(ConfigError, match="SDXL is not supported"):
+    with pytest.raises(ConfigError, match=r"x.safetensors is an SDXL model .*supports SD1.x and SD2.x"):
         C.detect_version(sdxl, "x.safetensors")
+    # a safetensors file is refused by its key names, before its tensors are read
+    sdxl_file = tmp_path / "sdxl.safetensors"
+    save_file(sdxl, str(sdxl_file))
+    with pytest.raises(ConfigError, match=r"sdxl.safetensors is an SDXL model .*supports SD1.x and SD2.x"):
+        C.read_single_file(sdxl_file)
+    refiner = {"conditioner.embedders.0.model.ln_final.weight": torch.zeros(2)}
+    with pytest.raises(ConfigError, match="SDXL refiner or another model in the SGM layout"):
+        C.detect_version(refiner, "refiner.safetensors")
     inpaint = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 9, 3, 3),
                "first_stage_model.x": torch.zeros(1), "cond_stage_model.transformer.x": torch.zeros(1)}
     with pytest.raises(ConfigError, match="inpainting"):
@@ -540,6 +593,10 @@ def test_prune_drops_ema_and_extras_and_halves(sd1_fp32_file, tmp_path):
     k = "model.diffusion_model.out.2.weight"
     assert torch.equal(got[k], ref[k].half())
     with_ema, _ = C.read_single_file(C.prune_single_file(big, tmp_path / "ema.safetensors", use_ema=True, half=False))
+    marked = tmp_path / "marked.ckpt"
+    torch.save({"state_dict": {**ref, "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}}, marked)
+    kept, _ = C.read_single_file(C.prune_single_file(marked, tmp_path / "marked.safetensors"))
+    assert set(kept) - set(ref) == {"v_pred", "ztsnr"} and kept["v_pred"].dtype == torch.float32
     assert torch.equal(with_ema[k], ref[k] + 1)
     with pytest.raises(ConfigError, match="no EMA weights"):
         C.prune_single_file(sd1_fp32_file, tmp_path / "x.safetensors", use_ema=True)
@@ -596,10 +653,13 @@ def _full_size_folder(name: str, folder: Path) -> Path:
     return folder
 
 
-def _check_release_layout(out: Path, ref: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+def _check_release_layout(out: Path, ref: dict[str, list[int]], markers=frozenset()) -> dict[str, torch.Tensor]:
+    """The release's keys and shapes exactly, plus exactly the given marker tensors (empty, see ldm_markers)."""
     sd, _ = C.read_single_file(out)
-    assert set(sd) == set(ref), (sorted(set(sd) - set(ref))[:3], sorted(set(ref) - set(sd))[:3])
-    wrong = [k for k in sd if list(sd[k].shape) != ref[k]]
+    assert set(sd) - set(ref) == set(markers), sorted(set(sd) - set(ref))[:3]
+    assert set(ref) <= set(sd), sorted(set(ref) - set(sd))[:3]
+    assert all(sd[k].numel() == 0 for k in markers)
+    wrong = [k for k in sd if k not in markers and list(sd[k].shape) != ref[k]]
     assert not wrong, [(k, list(sd[k].shape), ref[k]) for k in wrong[:3]]
     return sd
 
@@ -654,7 +714,7 @@ def test_full_sd21_export_has_release_keys_and_imports(big_tmp, reference):
     out = C.save_single_file(folder, tmp_path / "sd21.safetensors")
     sidecar = tmp_path / "sd21.yaml"
     assert sidecar.read_bytes() == (C.CONFIG_DIR / "v2-inference-v.yaml").read_bytes()
-    sd = _check_release_layout(out, reference["sd21"])
+    sd = _check_release_layout(out, reference["sd21"], markers={"v_pred"})
     assert C.detect_version(sd, out) == "sd2"
     del sd
     # diffusers' own loader, offline from the sidecar yaml alone, reads the same UNet tensors.
