@@ -11,6 +11,7 @@ The file name gives the caption only when no source gave a main prompt.
 """
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from data.buckets import is_undersized, nearest_bucket
 from data.captions import (DEFAULT_MAX_CAPTION_LENGTH, FOLDER_FILES, CaptionFileError, Layer, decode_text,
                            join_caption, layer_from_folder_file, layer_from_text_caption, layer_from_yaml,
                            merge_layers, resolve_caption)
-from data.items import DataScan, DataSettings, ImageItem, require_valid_settings
+from data.items import DataScan, DataSettings, ImageItem, printable, require_valid_settings
 from data.transforms import BadImageError, read_image_size
 from utils.config_schema import ConfigError
 
@@ -45,7 +46,8 @@ class _Scan:
     visited: set[str] = field(default_factory=set)
 
     def rel(self, path: Path) -> str:
-        return path.relative_to(self.root).as_posix()
+        """The path as reports show it: relative to data_root, non-UTF-8 bytes escaped."""
+        return printable(path.relative_to(self.root).as_posix())
 
 
 def is_image_name(name: str) -> bool:
@@ -56,6 +58,40 @@ def is_image_name(name: str) -> bool:
 def mask_owner_stem(name: str) -> str | None:
     """'cat-masklabel.png' -> 'cat'; None for other names."""
     return name[:-len(MASK_SUFFIX)] if name.lower().endswith(MASK_SUFFIX) else None
+
+
+def _entry_kind(entry: os.DirEntry) -> tuple[str, str | None]:
+    """("dir" | "file" | "other", None), or ("bad", reason) for an entry that cannot be followed. Never raises:
+    is_dir() raises OSError for a symbolic link loop (ELOOP) and one bad link must not stop the whole scan."""
+    try:
+        if entry.is_dir():
+            return "dir", None
+        if entry.is_file():
+            return "file", None
+        os.stat(entry.path)             # a dangling link: is_dir/is_file just said False, stat says why
+        return "other", None            # a pipe, socket or device (opening a pipe would hang)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "bad", "symbolic link loop (the link leads back to itself); fix or remove the link"
+        if isinstance(e, FileNotFoundError):
+            return "bad", "broken symbolic link (its target does not exist)"
+        return "bad", f"cannot read ({e.strerror or e})"
+
+
+def _caption_stem(name: str, notes: list[str]) -> str:
+    """The file name without its extension, as caption text. A name that is not UTF-8 (its bytes kept as
+    surrogates, which tokenizers reject) is decoded like a caption file: Windows-1252, then Latin-1."""
+    stem = Path(name).stem
+    if stem == printable(stem):
+        return stem
+    try:
+        text, encoding = decode_text(stem.encode("utf-8", "surrogateescape"))
+        encoding = {"cp1252": "Windows-1252", "latin-1": "Latin-1"}.get(encoding, encoding)
+    except (UnicodeEncodeError, CaptionFileError):
+        text, encoding = printable(stem), "UTF-8 with \\x escapes"
+    notes.append(f"file name is not valid UTF-8; its caption was read as {encoding}: '{text}' (rename the file or "
+                 f"add a .txt caption if that is wrong)")
+    return text
 
 
 def read_text_file(path: Path) -> str:
@@ -148,7 +184,10 @@ def _sidecar_layer(folder: Path, stem: str, sidecars: dict[str, str], scan: _Sca
 def _make_item(path: Path, layer: Layer, mask_path: Path | None, size: tuple[int, int], notes: list[str],
                scan: _Scan) -> ImageItem:
     settings = scan.settings
-    parts = resolve_caption(layer, Path(path.name).stem)
+    name_notes: list[str] = []
+    parts = resolve_caption(layer, _caption_stem(path.name, name_notes))
+    if parts.from_filename:
+        notes += name_notes
     width, height = size
     base = settings.resolution[0]
     item = ImageItem(
@@ -179,10 +218,10 @@ def _check_mask(mask_path: Path, image_size: tuple[int, int], notes: list[str]) 
     try:
         mask_size = read_image_size(mask_path)
     except BadImageError as e:
-        notes.append(f"mask {mask_path.name}: {e}; the image trains without a mask")
+        notes.append(f"mask {printable(mask_path.name)}: {e}; the image trains without a mask")
         return None
     if mask_size != image_size:
-        notes.append(f"mask {mask_path.name} is {mask_size[0]}x{mask_size[1]}, the image "
+        notes.append(f"mask {printable(mask_path.name)} is {mask_size[0]}x{mask_size[1]}, the image "
                      f"{image_size[0]}x{image_size[1]}; the mask is stretched to fit")
     return mask_path
 
@@ -199,11 +238,17 @@ def _scan_folder(folder: Path, inherited: Layer, scan: _Scan) -> None:
         scan.warnings.append(f"{scan.rel(folder) or '.'}: cannot list folder ({e.strerror}); skipped")
         return
     entries = [e for e in entries if not e.name.startswith(".")]
+    kinds = {e.name: _entry_kind(e) for e in entries}
     for e in entries:
-        if e.is_symlink() and not os.path.exists(e.path) and is_image_name(e.name):
-            scan.skipped.append((scan.rel(Path(e.path)), "broken symbolic link (its target does not exist)"))
-    subfolders = [Path(e.path) for e in entries if e.is_dir()]
-    names = {e.name for e in entries if e.is_file()}
+        kind, problem = kinds[e.name]
+        if kind == "bad" or (kind == "other" and is_image_name(e.name)):
+            problem = problem or "not a regular file (a pipe, socket or device)"
+            if is_image_name(e.name):
+                scan.skipped.append((scan.rel(Path(e.path)), problem))
+            else:
+                scan.warnings.append(f"{scan.rel(Path(e.path))}: {problem}; ignored")
+    subfolders = [Path(e.path) for e in entries if kinds[e.name][0] == "dir"]
+    names = {e.name for e in entries if kinds[e.name][0] == "file"}
     global_layer, local_layer = _folder_layers(folder, names, scan)
     inherited = merge_layers(inherited, global_layer)
     folder_layer = merge_layers(inherited, local_layer)
@@ -237,7 +282,8 @@ def _scan_folder(folder: Path, inherited: Layer, scan: _Scan) -> None:
         scan.items.append(item)
     for stem, name in sorted(masks.items()):
         if stem not in image_stems:
-            scan.warnings.append(f"{scan.rel(folder / name)}: mask without an image named '{stem}.<ext>'; ignored")
+            scan.warnings.append(f"{scan.rel(folder / name)}: mask without an image named '{printable(stem)}.<ext>'; "
+                                 f"ignored")
     for sub in subfolders:
         _scan_folder(sub, inherited, scan)
 

@@ -10,7 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from data.items import DataScan, DataSettings
+from data.items import DataScan, DataSettings, printable
 
 
 def item_record(item) -> dict:
@@ -52,7 +52,7 @@ def summarize(scan: DataScan, max_listed: int = 20) -> str:
     items = scan.items
     base = scan.settings.resolution[0]
     epoch_images = int(sum(i.multiply for i in items) + 1e-9)
-    lines = [f"data_root: {scan.root}",
+    lines = [f"data_root: {printable(str(scan.root))}",
              f"images: {len(items)} usable, {len(scan.skipped)} skipped; {epoch_images} per epoch after multipliers; "
              f"{sum(i.mask_path is not None for i in items)} with masks",
              f"resolution: {', '.join(map(str, scan.settings.resolution))} (buckets below at {base})"]

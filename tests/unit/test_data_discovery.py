@@ -86,6 +86,55 @@ def test_broken_symlink_and_unreadable_file_are_reported(tmp_path):
         assert reasons["locked.png"] == "cannot read the file: permission denied"
 
 
+def test_symlink_loops_and_dangling_links_are_reported_not_fatal(tmp_path):
+    img(tmp_path / "ok.png")
+    (tmp_path / "self").symlink_to("self")                  # a link to itself: stat() fails with ELOOP
+    (tmp_path / "self.png").symlink_to("self.png")
+    (tmp_path / "ping").symlink_to("pong")                  # two links pointing at each other
+    (tmp_path / "pong").symlink_to("ping")
+    img(tmp_path / "a" / "in_a.png")                        # two real folders linking to each other
+    (tmp_path / "a" / "to_b").symlink_to("../b")
+    img(tmp_path / "b" / "in_b.png")
+    (tmp_path / "b" / "to_a").symlink_to("../a")
+    (tmp_path / "gone").symlink_to("nowhere")               # dangling links of every kind
+    (tmp_path / "gone.txt").symlink_to("nowhere.txt")
+    (tmp_path / "gone.png").symlink_to("nowhere.png")
+    scan = scan_dataset(tmp_path, S512)
+    assert sorted(by_path(scan)) == ["a/in_a.png", "a/to_b/in_b.png", "ok.png"]
+    r = dict(scan.skipped)
+    assert r["self.png"].startswith("symbolic link loop") and r["gone.png"].startswith("broken symbolic link")
+    for name, reason in [("self", "symbolic link loop"), ("ping", "symbolic link loop"),
+                         ("pong", "symbolic link loop"), ("gone", "broken symbolic link"),
+                         ("gone.txt", "broken symbolic link")]:
+        assert any(w.startswith(f"{name}: {reason}") for w in scan.warnings), (name, scan.warnings)
+    assert any("already scanned (symlink loop?)" in w for w in scan.warnings)
+
+
+def test_non_utf8_file_name_is_escaped_in_reports_and_decoded_for_its_caption(tmp_path):
+    from data.report import summarize, write_dataset_report
+    import json
+    raw = os.fsencode(tmp_path)
+    Image.new("RGB", (64, 64)).save(raw + b"/caf\xe9 au lait_1.png")        # Latin-1 / Windows-1252 bytes
+    Image.new("RGB", (64, 64)).save(raw + b"/sidecar\xff.png")
+    (Path(os.fsdecode(raw + b"/sidecar\xff.txt"))).write_text("from the sidecar")
+    os.mkdir(raw + b"/dir\xfe")
+    Image.new("RGB", (64, 64)).save(raw + b"/dir\xfe/x.png")
+    (Path(os.fsdecode(raw + b"/dir\xfe/bad\x81\xff.png"))).write_bytes(b"")
+    scan = scan_dataset(tmp_path, S512)
+    items = by_path(scan)
+    assert sorted(items) == ["caf\\xe9 au lait_1.png", "dir\\xfe/x.png", "sidecar\\xff.png"]
+    cafe = items["caf\\xe9 au lait_1.png"]
+    assert cafe.caption == "café au lait" and cafe.path.exists()
+    assert any("not valid UTF-8" in n and "Windows-1252" in n for n in cafe.notes)
+    assert items["sidecar\\xff.png"].caption == "from the sidecar" and not items["sidecar\\xff.png"].notes
+    assert dict(scan.skipped) == {"dir\\xfe/bad\\x81\\xff.png": "empty file (0 bytes)"}
+    out = tmp_path / "dataset.jsonl"
+    write_dataset_report(scan, out)
+    paths = [json.loads(line)["path"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(paths) == sorted([*items, "dir\\xfe/bad\\x81\\xff.png"])
+    summarize(scan).encode("utf-8")                         # printable: no surrogate escapes left
+
+
 @pytest.mark.parametrize("fmt, suffix", [("JPEG", ".jpg"), ("PNG", ".png"), ("WEBP", ".webp")])
 def test_exif_orientation_5_to_8_swaps_width_and_height(tmp_path, fmt, suffix):
     for orientation in (1, 3, 6, 8):

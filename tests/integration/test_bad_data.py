@@ -1,0 +1,80 @@
+"""Bad input files through `train.py --check` and a whole run: truncated images, images failing only at load time,
+names that are not UTF-8, symbolic link loops. Each ends in a clear line naming the file and never a traceback."""
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.integration.conftest import base_args, make_dataset, only_run, read_metrics, run_train
+from utils.run_logging import get_logger
+
+
+class CurrentStdout:
+    """Writes to whatever sys.stdout is now: the run's logger keeps the stream it first saw, which pytest may
+    have closed since."""
+    def write(self, text):
+        return sys.stdout.write(text)
+
+    def flush(self):
+        sys.stdout.flush()
+
+
+@pytest.fixture()
+def console(capsys):
+    """Everything the run printed, stdout and stderr."""
+    handler = next(h for h in get_logger().handlers if type(h) is logging.StreamHandler)
+    old, handler.stream = handler.stream, CurrentStdout()  # not setStream(): it flushes the old, maybe closed, one
+    yield lambda: "".join(capsys.readouterr())
+    handler.stream = old
+
+
+def jsonl(path: Path) -> dict[str, dict]:
+    return {r["path"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+
+
+def add_awkward_names(data: Path) -> None:
+    """A name that is not UTF-8 (Latin-1 bytes), and links that cannot be followed."""
+    Image.new("RGB", (64, 64), (200, 100, 0)).save(os.fsencode(data) + b"/caf\xe9 au lait_1.png")
+    (data / "self").symlink_to("self")
+    (data / "self.png").symlink_to("self.png")
+    (data / "ping").symlink_to("pong")
+    (data / "pong").symlink_to("ping")
+    (data / "gone.jpg").symlink_to("nowhere.jpg")
+    (data / "sub").mkdir()
+    (data / "sub" / "up").symlink_to("..")                  # a loop through a real folder
+
+
+def check_awkward_report(report: dict[str, dict]) -> None:
+    cafe = report["caf\\xe9 au lait_1.png"]
+    assert cafe["skipped"] is None and cafe["caption"] == "café au lait"
+    assert report["self.png"]["skipped"].startswith("symbolic link loop")
+    assert report["gone.jpg"]["skipped"].startswith("broken symbolic link")
+
+
+def test_check_reports_non_utf8_names_and_symlink_loops(tiny_sd_folder, dataset, tmp_path, console):
+    add_awkward_names(dataset)
+    logdir = tmp_path / "logs"
+    assert run_train(base_args(tiny_sd_folder, dataset, logdir) + ["--check"]) == 0
+    check_awkward_report(jsonl(logdir / "t-check" / "dataset.jsonl"))
+    out = console()
+    assert "Traceback" not in out and "Logging error" not in out
+    lines = out.splitlines()
+    assert any("self.png: symbolic link loop" in line for line in lines)
+    assert any(line.startswith("  ping: symbolic link loop") for line in lines)
+    assert any("sub/up: folder already scanned (symlink loop?)" in line for line in lines)
+
+
+def test_run_trains_non_utf8_names_and_skips_symlink_loops(tiny_sd_folder, dataset, tmp_path, console):
+    add_awkward_names(dataset)
+    logdir = tmp_path / "logs"
+    assert run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=1, batch_size=3)) == 0
+    run = only_run(logdir)
+    check_awkward_report(jsonl(run / "dataset.jsonl"))
+    out = console()
+    assert "Traceback" not in out and "Logging error" not in out
+    assert "images: 9 usable, 2 skipped" in out and "self.png: symbolic link loop" in out
+    assert (run / "ckpts" / "last-t-ep01-gs00003").is_dir()
