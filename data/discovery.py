@@ -1,5 +1,7 @@
 """Walk data_root: images, their masks and caption sidecars, folder files and global/local yaml, into ImageItems
-plus a list of skipped files and warnings. Only image headers are read, so large folders scan quickly.
+plus a list of skipped files and warnings. The walk reads image headers only; then every image (and mask) is
+decoded in full, in parallel threads, with the training loader's own functions, so an image the scan keeps is one
+the loader can read (a truncated file is skipped here, before epochs are planned, not at load time).
 
 Precedence per image (later wins for single values, tags are unioned):
   global.yaml/.yml of data_root and every folder down to the image's folder (nearer folders win)
@@ -13,10 +15,14 @@ from __future__ import annotations
 
 import errno
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
+
+import data.transforms as transforms      # load_rgb / load_mask through the module: the loader's, even if patched
 
 from data.buckets import is_undersized, nearest_bucket
 from data.captions import (DEFAULT_MAX_CAPTION_LENGTH, FOLDER_FILES, CaptionFileError, Layer, decode_text,
@@ -33,6 +39,9 @@ SIDECAR_ORDER = (".yaml", ".yml", ".caption", ".txt")
 GLOBAL_YAML = ("global.yaml", "global.yml")
 LOCAL_YAML = ("local.yaml", "local.yml")
 RESERVED_STEMS = {Path(n).stem for n in (*FOLDER_FILES, *GLOBAL_YAML, *LOCAL_YAML)}
+# PIL releases the GIL while decoding; more threads than this only add memory (each holds a decoded image)
+DECODE_THREADS = min(8, os.cpu_count() or 1)
+Problems = dict[int, tuple[str | None, str | None]]   # item index -> (image problem, mask problem)
 
 
 @dataclass
@@ -288,9 +297,76 @@ def _scan_folder(folder: Path, inherited: Layer, scan: _Scan) -> None:
         _scan_folder(sub, inherited, scan)
 
 
-def scan_dataset(data_root: str | Path, settings: DataSettings) -> DataScan:
-    """Find every training image under data_root. Raises ConfigError for a missing folder, bad settings or when
-    no usable image is left; every other problem is reported in the result and the scan goes on."""
+def decode_problems(items: list[ImageItem], indices, progress: bool = False) -> Problems:
+    """Decode items[i] for i in indices in full (image, then mask), in threads, with the functions the training
+    loader uses, and return what failed. The image is decoded at its base bucket, as the loader does (large JPEGs
+    at a reduced scale: every byte of the file is still read and checked)."""
+    from tqdm.auto import tqdm
+
+    def decode(i: int) -> tuple[int, str | None, str | None]:
+        item = items[i]
+        try:
+            transforms.load_rgb(item.path, cover=item.bucket)
+        except BadImageError as e:
+            return i, str(e), None
+        if item.mask_path is not None:
+            try:
+                transforms.load_mask(item.mask_path)
+            except BadImageError as e:
+                return i, None, str(e)
+        return i, None, None
+
+    indices = list(indices)
+    problems: Problems = {}
+    with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as pool:
+        for i, image_problem, mask_problem in tqdm(pool.map(decode, indices), total=len(indices), unit="image",
+                                                   desc="decoding images", disable=not progress, leave=False):
+            if image_problem or mask_problem:
+                problems[i] = (image_problem, mask_problem)
+    return problems
+
+
+def drop_undecodable(scan: DataScan, problems: Problems) -> None:
+    """Moves the items whose image failed to decode to scan.skipped; a mask that failed is dropped (the image
+    trains without it, as the loader would do)."""
+    kept = []
+    for i, item in enumerate(scan.items):
+        image_problem, mask_problem = problems.get(i, (None, None))
+        if image_problem:
+            scan.skipped.append((item.rel_path, image_problem))
+            continue
+        if mask_problem:
+            note = f"mask {printable(item.mask_path.name)}: {mask_problem}; the image trains without a mask"
+            item.notes.append(note)
+            scan.warnings.append(f"{item.rel_path}: {note}")
+            item.mask_path = None
+        kept.append(item)
+    scan.items = kept
+    scan.undersized = [item.rel_path for item in kept if item.undersized]
+
+
+def require_usable(scan: DataScan) -> None:
+    """Raises ConfigError when the scan left nothing to train on, naming the first skipped files."""
+    root = printable(str(scan.root))
+    if not scan.items:
+        detail = ""
+        if scan.skipped:
+            listed = "; ".join(f"{rel}: {reason}" for rel, reason in scan.skipped[:3])
+            more = f" (and {len(scan.skipped) - 3} more)" if len(scan.skipped) > 3 else ""
+            detail = f"; {len(scan.skipped)} file(s) skipped, e.g. {listed}{more}; fix or replace them"
+        raise ConfigError(f"no usable images in data_root {root} (looked for {', '.join(IMAGE_EXTENSIONS)} in it "
+                          f"and its subfolders){detail}")
+    if sum(item.multiply for item in scan.items) < 1:
+        raise ConfigError(f"data_root {root}: the multipliers (multiply.txt / yaml 'multiply') add up to less than "
+                          f"one image per epoch; raise them")
+
+
+def scan_dataset(data_root: str | Path, settings: DataSettings, *, decode: bool | Callable = True,
+                 progress: bool = False, check_usable: bool = True) -> DataScan:
+    """Find every training image under data_root. Raises ConfigError for a missing folder or bad settings, and
+    (check_usable) when no usable image is left; every other problem is reported in the result and the scan goes
+    on. decode: decode every image in full (see decode_problems); a callable(items) -> Problems decodes them some
+    other way (the trainer: each process a share); False reads headers only. progress: a progress bar for it."""
     require_valid_settings(settings)
     root = Path(data_root).expanduser()
     if not root.exists():
@@ -298,20 +374,17 @@ def scan_dataset(data_root: str | Path, settings: DataSettings) -> DataScan:
     if not root.is_dir():
         raise ConfigError(f"data_root is not a folder: {root} (set 'data_root' to the folder holding the images)")
     root = root.resolve()
-    scan = _Scan(root=root, settings=settings)
-    _scan_folder(root, Layer(), scan)
-    if not scan.items:
-        detail = f"; {len(scan.skipped)} file(s) skipped, e.g. {scan.skipped[0][0]}: {scan.skipped[0][1]}" \
-            if scan.skipped else ""
-        raise ConfigError(f"no usable images in data_root {root} (looked for {', '.join(IMAGE_EXTENSIONS)} in it "
-                          f"and its subfolders){detail}")
-    if sum(item.multiply for item in scan.items) < 1:
-        raise ConfigError(f"data_root {root}: the multipliers (multiply.txt / yaml 'multiply') add up to less than "
-                          f"one image per epoch; raise them")
+    walk = _Scan(root=root, settings=settings)
+    _scan_folder(root, Layer(), walk)
+    scan = DataScan(root=root, settings=settings, items=walk.items, skipped=walk.skipped,
+                    undersized=[item.rel_path for item in walk.items if item.undersized], warnings=walk.warnings)
+    if decode:
+        find = decode if callable(decode) else lambda items: decode_problems(items, range(len(items)), progress)
+        drop_undecodable(scan, find(scan.items))
     weighted_unshuffled = sum(1 for i in scan.items if len(set(i.tag_weights)) > 1 and not i.shuffle_tags)
     if weighted_unshuffled:
         scan.warnings.append(f"{weighted_unshuffled} image(s) have tag weights but tag shuffling is off for them; "
                              f"weights only act when shuffle_tags is on")
-    undersized = [item.rel_path for item in scan.items if item.undersized]
-    return DataScan(root=root, settings=settings, items=scan.items, skipped=scan.skipped, undersized=undersized,
-                    warnings=scan.warnings)
+    if check_usable:
+        require_usable(scan)
+    return scan

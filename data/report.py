@@ -80,7 +80,7 @@ def summarize(scan: DataScan, max_listed: int = 20) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data.discovery import scan_dataset
+    from data.discovery import require_usable, scan_dataset
     from utils.config_schema import ConfigError
     parser = argparse.ArgumentParser(prog="python -m data.report", description="Scan a training folder and "
                                      "print what the trainer would use.")
@@ -89,13 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jsonl", help="also write dataset.jsonl here")
     args = parser.parse_args(argv)
     try:
-        scan = scan_dataset(args.data_root, DataSettings(resolution=args.resolution))
+        scan = scan_dataset(args.data_root, DataSettings(resolution=args.resolution), progress=True,
+                            check_usable=False)
+        print(summarize(scan))
+        if args.jsonl:
+            write_dataset_report(scan, Path(args.jsonl))
+        require_usable(scan)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(summarize(scan))
-    if args.jsonl:
-        write_dataset_report(scan, Path(args.jsonl))
     return 0
 
 

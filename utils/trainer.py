@@ -21,8 +21,9 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from data.dataset import (BatchDataset, DataSettings, epoch_batches, scan_dataset, summarize, write_dataset_report,
-                          write_schedule)
+from data.dataset import (BatchDataset, DataSettings, epoch_batches, require_usable, scan_dataset, summarize,
+                          write_dataset_report, write_schedule)
+from data.discovery import decode_problems
 from data.latent_cache import ensure_latents, needed_entries
 from optimizer import triton8bit
 from optimizer.build import (build_optimizer_parts, current_lr, describe, eval_weights, fused_backward_problems,
@@ -250,12 +251,24 @@ class Trainer:
         cfg = self.cfg
         settings = DataSettings(resolution=self.resolutions, flip_p=cfg.flip_p, cond_dropout=cfg.cond_dropout,
                                 shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags, crop_jitter=cfg.crop_jitter)
-        scan = scan_dataset(cfg.data_root, settings)
+        # every image is decoded once here, so a broken one is skipped before epochs are planned (doc/DATA.md)
+        scan = scan_dataset(cfg.data_root, settings, decode=self._decode_shares, progress=self.is_main,
+                            check_usable=False)
         if self.is_main:
             write_dataset_report(scan, self.run_dir / "dataset.jsonl")
         for line in summarize(scan).splitlines():
             log.info(line)
+        require_usable(scan)  # nothing left to train on: stop before any model loads
         return scan
+
+    def _decode_shares(self, items) -> dict:
+        """The scan's full decode: process r decodes images r, r + N, ...; all get every process's verdicts."""
+        n, rank = self.accelerator.num_processes, self.accelerator.process_index
+        problems = decode_problems(items, range(rank, len(items), n), progress=self.is_main)
+        if n > 1:
+            from accelerate.utils import gather_object
+            problems = {i: p for share in gather_object([problems]) for i, p in share.items()}
+        return problems
 
     @property
     def prediction_override(self) -> str | None:

@@ -78,3 +78,60 @@ def test_run_trains_non_utf8_names_and_skips_symlink_loops(tiny_sd_folder, datas
     assert "Traceback" not in out and "Logging error" not in out
     assert "images: 9 usable, 2 skipped" in out and "self.png: symbolic link loop" in out
     assert (run / "ckpts" / "last-t-ep01-gs00003").is_dir()
+
+
+# --- images whose pixel data is broken: found by the scan's full decode, in --check and in the run -------------
+
+def truncate(path: Path) -> Path:
+    """Cut an image in half after re-saving it as noise, so the cut is in its pixel data (the header still reads)."""
+    size = Image.open(path).size
+    Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3)).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    return path
+
+
+def test_check_decodes_every_image_and_reports_truncated_ones(tiny_sd_folder, dataset, tmp_path, console):
+    truncate(dataset / "img0_0.jpg")
+    logdir = tmp_path / "logs"
+    assert run_train(base_args(tiny_sd_folder, dataset, logdir) + ["--check"]) == 0
+    report = jsonl(logdir / "t-check" / "dataset.jsonl")
+    assert report["img0_0.jpg"]["skipped"].startswith("corrupt or truncated image data")
+    assert sum(r["skipped"] is None for r in report.values()) == 7
+    out = console()
+    assert "images: 7 usable, 1 skipped" in out and "  img0_0.jpg: corrupt or truncated image data" in out
+    assert "decoding images" in out                     # the progress bar
+    assert "Traceback" not in out
+
+
+def test_run_skips_a_truncated_image_before_planning_epochs(tiny_sd_folder, dataset, tmp_path, console):
+    truncate(dataset / "img0_0.jpg")
+    logdir = tmp_path / "logs"
+    assert run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=1, batch_size=1)) == 0
+    run = only_run(logdir)
+    assert jsonl(run / "dataset.jsonl")["img0_0.jpg"]["skipped"].startswith("corrupt or truncated image data")
+    out = console()
+    assert "at load time" not in out and "Traceback" not in out
+    assert "steps/epoch: 7" in out
+    assert (run / "ckpts" / "last-t-ep01-gs00007").is_dir()
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_every_image_broken_stops_before_a_model_loads(tiny_sd_folder, dataset, tmp_path, console, monkeypatch,
+                                                       check):
+    import utils.trainer as trainer_module
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(trainer_module, "load_sd_model", no_model)
+    for path in dataset.iterdir():
+        if path.suffix in (".jpg", ".png"):
+            truncate(path)
+    logdir = tmp_path / "logs"
+    assert run_train(base_args(tiny_sd_folder, dataset, logdir) + (["--check"] if check else [])) == 2
+    out = console()
+    assert "Traceback" not in out
+    error = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "no usable images in data_root" in error[0] and "8 file(s) skipped" in error[0]
+    assert "a blue square_1.png: corrupt or truncated image data" in error[0] and "(and 5 more)" in error[0]
+    report = jsonl((logdir / "t-check" if check else only_run(logdir)) / "dataset.jsonl")
+    assert len(report) == 8 and all(r["skipped"] for r in report.values())
