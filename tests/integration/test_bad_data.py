@@ -135,3 +135,65 @@ def test_every_image_broken_stops_before_a_model_loads(tiny_sd_folder, dataset, 
     assert "a blue square_1.png: corrupt or truncated image data" in error[0] and "(and 5 more)" in error[0]
     report = jsonl((logdir / "t-check" if check else only_run(logdir)) / "dataset.jsonl")
     assert len(report) == 8 and all(r["skipped"] for r in report.values())
+
+
+# --- images that pass the scan and fail at load time (changed afterwards): no step without an image -----------
+
+def failing_loader(monkeypatch, fails):
+    """The loader raises for the images `fails(name, call_number)` picks, as for a file broken after the scan."""
+    import data.dataset
+    from data.transforms import BadImageError
+    original, calls = data.dataset.load_sample, []
+
+    def load_sample(path, *args, **kwargs):
+        calls.append(path.name)
+        if fails(path.name, len(calls)):
+            raise BadImageError("corrupt or truncated image data (broken after the scan)")
+        return original(path, *args, **kwargs)
+    monkeypatch.setattr(data.dataset, "load_sample", load_sample)
+    return calls
+
+
+def test_a_batch_that_fails_to_load_is_not_a_step(tiny_sd_folder, dataset, tmp_path, console, monkeypatch):
+    failing_loader(monkeypatch, lambda name, _call: name == "img0_0.jpg")
+    logdir = tmp_path / "logs"
+    assert run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=2, batch_size=1)) == 0
+    run = only_run(logdir)
+    steps = [m for m in read_metrics(run) if "loss/log_step" in m]
+    assert [m["step"] for m in steps] == list(range(1, 15))     # 7 of 8 batches an epoch were steps
+    assert all(m["loss/log_step"] > 0 for m in steps)
+    assert sorted(p.name for p in (run / "ckpts").iterdir()) == ["last-t-ep02-gs00014",
+                                                                  "last-t-ep02-gs00014.safetensors"]
+    out = console()
+    assert "every image of a batch failed to load (img0_0.jpg); not trained" in out
+    assert "done: 14 steps, 2 epochs, 14 images" in out
+
+
+def test_every_image_failing_at_load_time_is_exit_2_with_nothing_saved(tiny_sd_folder, dataset, tmp_path, console,
+                                                                       monkeypatch):
+    calls = failing_loader(monkeypatch, lambda _name, _call: True)
+    logdir = tmp_path / "logs"
+    assert run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=3)) == 2
+    assert len(calls) == 8                                  # one epoch tried, not three
+    run = only_run(logdir)
+    assert not list((run / "ckpts").iterdir())
+    metrics = read_metrics(run) if (run / "metrics.jsonl").exists() else []
+    assert not [m for m in metrics if "loss/log_step" in m or "loss/epoch" in m]
+    out = console()
+    assert "Traceback" not in out and "done:" not in out
+    error = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(error) == 1, out[-3000:]
+    assert "epoch 1: every image failed to load (8 file(s): " in error[0] and "and 5 more" in error[0]
+    assert "--check" in error[0]
+
+
+def test_images_vanishing_mid_run_stop_with_exit_2_and_keep_the_trained_steps(tiny_sd_folder, dataset, tmp_path,
+                                                                             console, monkeypatch):
+    failing_loader(monkeypatch, lambda _name, call: call > 8)   # the first epoch loads, then every image fails
+    logdir = tmp_path / "logs"
+    assert run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=3)) == 2
+    run = only_run(logdir)
+    assert (run / "ckpts" / "interrupted-t-ep01-gs00004").is_dir()
+    assert [m["step"] for m in read_metrics(run) if "loss/log_step" in m] == [1, 2, 3, 4]
+    out = console()
+    assert "Traceback" not in out and "error: epoch 2: every image failed to load (8 file(s)" in out

@@ -183,13 +183,14 @@ def test_resume_mid_epoch_on_two_processes_equals_the_straight_run(tiny_sd_folde
 
 FAILS_AT_LOAD = "img1_0.jpg"
 LOAD_FAILURE_RUNNER = f"""
-import sys
+import os, sys
 sys.path.insert(0, {str(ROOT)!r})
 import data.dataset
 from data.transforms import BadImageError
 original = data.dataset.load_sample
+failing = os.environ.get("FAIL_AT_LOAD", {FAILS_AT_LOAD!r})  # a file name, or * for every image
 def load_sample(path, *args, **kwargs):  # as if the file broke after the scan (which decodes every image)
-    if path.name == {FAILS_AT_LOAD!r}:
+    if failing in (path.name, "*"):
         raise BadImageError("corrupt or truncated image data (broken after the scan)")
     return original(path, *args, **kwargs)
 data.dataset.load_sample = load_sample
@@ -246,6 +247,23 @@ def test_two_machines_one_process_each_with_accumulation_train_as_one_job(tiny_s
     worst = max_diff(only_run(reference) / "ckpts" / "last-t-ep02-gs00004",
                      only_run(logdir) / "ckpts" / "last-t-ep02-gs00004")
     assert worst <= 1e-4, f"2 machines differ from 1 process with grad_accum 4 by {worst}"
+
+
+def test_every_image_failing_at_load_time_stops_all_processes_with_exit_2(tiny_sd_folder, data6, work):
+    """Steps whose images all fail on every process are not steps (the stand-in batches only meet DDP's
+    collectives); an epoch without a step stops every process with exit 2, no checkpoint, no hang."""
+    runner = work / "load_failure_runner.py"
+    runner.write_text(LOAD_FAILURE_RUNNER)
+    logdir, cwd = work / "all_fail", work / "cwd_all_fail"
+    cwd.mkdir()
+    proc = subprocess.run(launch_cmd(free_port())[:-2] + [str(runner)] + base_args(tiny_sd_folder, data6, logdir),
+                          cwd=cwd, env={**launch_env(cwd), "FAIL_AT_LOAD": "*"}, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT)
+    out = output(proc)
+    assert proc.returncode != 0 and "exitcode  : 2" in out, out[-4000:]
+    assert "error: epoch 1: every image failed to load (" in out
+    assert ckpt_names(logdir) == []
+    assert not [m for m in read_metrics(only_run(logdir)) if "loss/log_step" in m]
 
 
 def test_sigterm_to_one_process_stops_all_with_one_interrupted_checkpoint(tiny_sd_folder, data6, work):
