@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import base_args, make_dataset, only_run, read_metrics, run_train
+from tests.integration.conftest import base_args, only_run, read_metrics, run_train
 from utils.run_logging import get_logger
 
 
