@@ -23,7 +23,7 @@ import torch
 
 from data.buckets import bucket_table, nearest_bucket
 from data.captions import training_caption
-from data.discovery import scan_dataset
+from data.discovery import require_usable, scan_dataset
 from data.items import DataScan, DataSettings, ImageItem
 from data.latent_cache import LatentCacheIndex
 from data.report import problem_summary, summarize, write_dataset_report
@@ -32,6 +32,7 @@ from data.transforms import BadImageError, crop_box, load_mask, load_sample, ren
 from utils.config_schema import ConfigError
 
 __all__ = ["DataSettings", "DataScan", "ImageItem", "BatchPlan", "BatchDataset", "ConfigError", "scan_dataset",
+           "require_usable",
            "write_dataset_report", "summarize", "problem_summary", "epoch_batches", "write_schedule",
            "schedule_filename", "bucket_table", "nearest_bucket", "item_rng"]
 

@@ -10,6 +10,16 @@ from pathlib import Path
 from utils.config_schema import ConfigError
 
 
+def printable(name: str) -> str:
+    """A path or file name as text that can be printed and written as UTF-8. On Linux a name that is not valid
+    UTF-8 reaches Python with its bad bytes as lone surrogates ('caf\\udce9.png'), which every UTF-8 write
+    (dataset.jsonl, the log file, the console) rejects; they become visible escapes ('caf\\xe9.png')."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:          # a surrogate surrogateescape did not make (e.g. from Windows APIs)
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass
 class DataSettings:
     """Global defaults from train.json; per-folder files and yaml override them per image."""
@@ -56,7 +66,7 @@ def require_valid_settings(settings: DataSettings) -> None:
 @dataclass
 class ImageItem:
     path: Path                          # absolute path of the image
-    rel_path: str                       # relative to data_root, with '/' separators
+    rel_path: str                       # relative to data_root, with '/' separators; printable()
     width: int                          # as displayed (EXIF orientation 5-8 already swaps w/h)
     height: int
     main_prompt: str

@@ -10,7 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from data.items import DataScan, DataSettings
+from data.items import DataScan, DataSettings, printable
 
 
 def item_record(item) -> dict:
@@ -52,7 +52,7 @@ def summarize(scan: DataScan, max_listed: int = 20) -> str:
     items = scan.items
     base = scan.settings.resolution[0]
     epoch_images = int(sum(i.multiply for i in items) + 1e-9)
-    lines = [f"data_root: {scan.root}",
+    lines = [f"data_root: {printable(str(scan.root))}",
              f"images: {len(items)} usable, {len(scan.skipped)} skipped; {epoch_images} per epoch after multipliers; "
              f"{sum(i.mask_path is not None for i in items)} with masks",
              f"resolution: {', '.join(map(str, scan.settings.resolution))} (buckets below at {base})"]
@@ -80,7 +80,7 @@ def summarize(scan: DataScan, max_listed: int = 20) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data.discovery import scan_dataset
+    from data.discovery import require_usable, scan_dataset
     from utils.config_schema import ConfigError
     parser = argparse.ArgumentParser(prog="python -m data.report", description="Scan a training folder and "
                                      "print what the trainer would use.")
@@ -89,13 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jsonl", help="also write dataset.jsonl here")
     args = parser.parse_args(argv)
     try:
-        scan = scan_dataset(args.data_root, DataSettings(resolution=args.resolution))
+        scan = scan_dataset(args.data_root, DataSettings(resolution=args.resolution), progress=True,
+                            check_usable=False)
+        print(summarize(scan))
+        if args.jsonl:
+            write_dataset_report(scan, Path(args.jsonl))
+        require_usable(scan)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(summarize(scan))
-    if args.jsonl:
-        write_dataset_report(scan, Path(args.jsonl))
     return 0
 
 

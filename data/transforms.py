@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,12 +31,37 @@ class BadImageError(Exception):
     """An image (or mask) that cannot be used; str(error) is the reason shown to the user."""
 
 
+_BOMB_FILTER = ("error", None, Image.DecompressionBombWarning, None, 0)   # what filterwarnings() inserts
+_bomb_filter_lock = threading.Lock()
+_bomb_filter_users = 0
+
+
+@contextmanager
+def _bomb_warnings_are_errors():
+    """PIL only warns between MAX_IMAGE_PIXELS and twice that; here it is an error. Not warnings.catch_warnings():
+    the scan decodes in threads, and each catch_warnings exit restores the filter list its own entry saw, so
+    overlapping ones leave the process's filters changed. The filter goes in with the first reader, out with the
+    last."""
+    global _bomb_filter_users
+    with _bomb_filter_lock:
+        if _bomb_filter_users == 0:
+            warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+        _bomb_filter_users += 1
+    try:
+        yield
+    finally:
+        with _bomb_filter_lock:
+            _bomb_filter_users -= 1
+            if _bomb_filter_users == 0 and _BOMB_FILTER in warnings.filters:
+                warnings.filters.remove(_BOMB_FILTER)
+                getattr(warnings, "_filters_mutated", lambda: None)()   # drops the cached "already warned" marks
+
+
 @contextmanager
 def _reading(path: Path):
     """Translate everything that can go wrong while reading an image into BadImageError."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with _bomb_warnings_are_errors():
             yield
     except BadImageError:
         raise

@@ -8,12 +8,13 @@ from utils.run_logging import get_logger
 
 
 def check_data(cfg: TrainConfig) -> int:
-    from data.dataset import DataSettings, scan_dataset, summarize, write_dataset_report
+    from data.dataset import DataSettings, require_usable, scan_dataset, summarize, write_dataset_report
     log = get_logger()
     resolutions = cfg.resolution if isinstance(cfg.resolution, list) else [cfg.resolution]
     settings = DataSettings(resolution=resolutions, flip_p=cfg.flip_p, cond_dropout=cfg.cond_dropout,
                             shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags, crop_jitter=cfg.crop_jitter)
-    scan = scan_dataset(cfg.data_root, settings)
+    # every image decoded in full, as the run's scan does: the same verdict, before any training
+    scan = scan_dataset(cfg.data_root, settings, progress=True, check_usable=False)
     # the prompt and validation files fail here as they would at training start
     from utils.sampling import SampleConfigSource
     from utils.validation import load_validation_config
@@ -25,4 +26,5 @@ def check_data(cfg: TrainConfig) -> int:
     write_dataset_report(scan, out / "dataset.jsonl")
     log.info(summarize(scan))
     log.info(f"wrote {out / 'dataset.jsonl'}")
+    require_usable(scan)  # nothing to train on: exit 2, with the report written to say why
     return 0

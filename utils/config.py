@@ -220,7 +220,8 @@ EVERYDREAM2_KEYS = {
 
 CLI_ONLY_FLAGS = {
     "--config": "Path to train.json (keys there are overridden by --key value arguments).",
-    "--check": "Validate the config and scan the data (writes dataset.jsonl), then exit without loading a model.",
+    "--check": "Validate the config, scan the data and decode every image (writes dataset.jsonl), then exit "
+               "without loading a model.",
     "--print-config": "Print the resolved config as JSON and exit.",
     "--help": "Show this help.",
 }

@@ -22,8 +22,9 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from data.dataset import (BatchDataset, DataSettings, epoch_batches, scan_dataset, summarize, write_dataset_report,
-                          write_schedule)
+from data.dataset import (BatchDataset, DataSettings, epoch_batches, require_usable, scan_dataset, summarize,
+                          write_dataset_report, write_schedule)
+from data.discovery import decode_problems
 from data.latent_cache import ensure_latents, needed_entries
 from optimizer import triton8bit
 from optimizer.build import (build_optimizer_parts, current_lr, describe, eval_weights, fused_backward_problems,
@@ -263,12 +264,24 @@ class Trainer:
         cfg = self.cfg
         settings = DataSettings(resolution=self.resolutions, flip_p=cfg.flip_p, cond_dropout=cfg.cond_dropout,
                                 shuffle_tags=cfg.shuffle_tags, keep_tags=cfg.keep_tags, crop_jitter=cfg.crop_jitter)
-        scan = scan_dataset(cfg.data_root, settings)
+        # every image is decoded once here, so a broken one is skipped before epochs are planned (doc/DATA.md)
+        scan = scan_dataset(cfg.data_root, settings, decode=self._decode_shares, progress=self.is_main,
+                            check_usable=False)
         if self.is_main:
             write_dataset_report(scan, self.run_dir / "dataset.jsonl")
         for line in summarize(scan).splitlines():
             log.info(line)
+        require_usable(scan)  # nothing left to train on: stop before any model loads
         return scan
+
+    def _decode_shares(self, items) -> dict:
+        """The scan's full decode: process r decodes images r, r + N, ...; all get every process's verdicts."""
+        n, rank = self.accelerator.num_processes, self.accelerator.process_index
+        problems = decode_problems(items, range(rank, len(items), n), progress=self.is_main)
+        if n > 1:
+            from accelerate.utils import gather_object
+            problems = {i: p for share in gather_object([problems]) for i, p in share.items()}
+        return problems
 
     @property
     def prediction_override(self) -> str | None:
@@ -516,6 +529,9 @@ class Trainer:
             # a process exiting non-zero makes the launcher (torchrun) kill the rest: not while main still writes
             self.accelerator.wait_for_everyone()
             return 143 if self.stop_requested == "SIGTERM" else 130
+        if st.global_step == 0:  # nothing trained: no samples or checkpoint of an untrained model, and no "done"
+            raise ConfigError("the run ended without a single optimizer step (no batch could be trained); see the "
+                              "warnings above, and check the data with python train.py --config <your config> --check")
         if final_outputs:
             self.sample()
             final = self.save(prefix="" if cfg.no_prepend_last else "last-")
@@ -541,11 +557,18 @@ class Trainer:
         plans = self._epoch_plans(st.epoch)
         n_batches, n_proc = self._epoch_batch_count(st.epoch, plans), self.accelerator.num_processes
         bar.set_description(f"epoch {st.epoch + 1}/{cfg.max_epochs}")
+        # what a step must exceed to be one (images_seen is every process's once _agree_at_step ran), and the files
+        # of batches that failed whole, for the error when nothing of the epoch trains
+        step_images, steps_before, first, failed = st.images_seen, st.global_step, st.batches_done, {}
         batches = annotated(self._loader(plans, st.epoch, st.batches_done), PHASE_DATA)
         for i, batch in enumerate(batches, start=st.batches_done):
             boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(plans)
             for path, reason in (batch or {}).get("skipped", []):
                 log.info(f"warning: skipped {path} at load time: {reason}")
+            if batch is None:
+                names = [self.scan.items[j].rel_path for j in plans[i].indices]
+                failed.update(dict.fromkeys(names))
+                log.info(f"warning: every image of a batch failed to load ({', '.join(names)}); not trained")
             if n_proc > 1 and (batch is None or batch["position"] >= n_batches):
                 # Padding (the epoch does not split evenly), or every image failed to load: DDP still needs this
                 # process's forward and backward (its collectives), with weight 0 so nothing is trained twice.
@@ -565,11 +588,17 @@ class Trainer:
                 continue
             with torch.profiler.record_function(PHASE_OPTIMIZER):
                 group_loss = self._agree_at_step(group_loss)  # N processes: one small all-reduce (see there)
-                norms = self._optimizer_step(group_loss)
+                trained = st.images_seen > step_images
+                norms = self._optimizer_step(group_loss) if trained else self._discard_step()
                 group_loss = torch.zeros((), device=self.device)
-                if self.ema is not None:
+                if self.ema is not None and trained:
                     self.ema.update(self.ema_params)
             st.batches_done = i + 1
+            if not trained:  # every image of the step failed to load, on every process: not a step
+                if self.stop_requested:
+                    break
+                continue
+            step_images = st.images_seen
             st.global_step += 1
             bar.update(1)
             with torch.profiler.record_function(PHASE_AFTER):
@@ -577,7 +606,25 @@ class Trainer:
             if self._finished() or self.stop_requested:
                 break
         if st.batches_done == len(plans):
+            if st.global_step == steps_before and st.batches_done > first:  # nothing of this epoch trained
+                if st.global_step:
+                    self._rescue_save()  # the earlier epochs' steps were real: keep them
+                raise ConfigError(self._nothing_loaded(list(failed)))
             self._end_epoch(epoch_loss, epoch_micro, epoch_t0)
+
+    def _discard_step(self) -> dict:
+        """In place of an optimizer step that has no image: no update, no LR schedule step (DDP's weight-0
+        stand-in batches left zero gradients, which Adam's moments would still turn into an update)."""
+        for part in self.parts:
+            part.optimizer.zero_grad(set_to_none=True)
+        return {}
+
+    def _nothing_loaded(self, failed: list[str]) -> str:
+        listed = ", ".join(failed[:3]) + (f" and {len(failed) - 3} more" if len(failed) > 3 else "")
+        return (f"epoch {self.state.epoch + 1}: every image failed to load ({len(failed)} file(s): {listed}; the "
+                f"reasons are in the warnings above), so nothing was trained in it. Fix or replace these files "
+                f"(python train.py --config <your config> --check decodes every image and lists the bad ones), "
+                f"then run again")
 
     def _reload_live_settings(self) -> None:
         """EveryDream2's load_settings_every_epoch: re-read train.json for the keys that may change mid-run."""

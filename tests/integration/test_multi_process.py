@@ -7,7 +7,6 @@ Each launch costs ~12 s here (two fresh interpreters import torch/diffusers on 2
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -182,16 +181,41 @@ def test_resume_mid_epoch_on_two_processes_equals_the_straight_run(tiny_sd_folde
     assert step_metrics(second)[4] == pytest.approx(step_metrics(straight)[4], rel=1e-6)
 
 
-def test_two_machines_one_process_each_with_accumulation_train_as_one_job(tiny_sd_folder, data6, work):
+FAILS_AT_LOAD = "img1_0.jpg"
+LOAD_FAILURE_RUNNER = f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import data.dataset
+from data.transforms import BadImageError
+original = data.dataset.load_sample
+failing = os.environ.get("FAIL_AT_LOAD", {FAILS_AT_LOAD!r})  # a file name, or * for every image
+def load_sample(path, *args, **kwargs):  # as if the file broke after the scan (which decodes every image)
+    if failing in (path.name, "*"):
+        raise BadImageError("corrupt or truncated image data (broken after the scan)")
+    return original(path, *args, **kwargs)
+data.dataset.load_sample = load_sample
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_two_machines_one_process_each_with_accumulation_train_as_one_job(tiny_sd_folder, data6, work, monkeypatch):
     """`--num_machines 2` on one host, one process per "machine", batch 1 x grad_accum 2 (DDP's no_sync on the
     first micro-batch of each step) == one process with batch 1 x grad_accum 4. 6 batches an epoch: steps of 4 and 2.
-    One image is truncated (its header scans, its pixels do not load), so a batch fails at load time: that process
+    One image fails at load time (it passed the scan; the loader is patched), so a batch fails: that process
     must still join DDP's collectives (a stand-in batch of weight 0), and the step must equal one process's."""
-    broken = work / "data6_broken"
-    shutil.copytree(data6, broken)
-    jpg = broken / "img1_0.jpg"
-    jpg.write_bytes(jpg.read_bytes()[:jpg.stat().st_size * 2 // 3])
-    data6 = broken
+    runner = work / "load_failure_runner.py"
+    runner.write_text(LOAD_FAILURE_RUNNER)
+    import data.dataset
+    from data.transforms import BadImageError
+    original = data.dataset.load_sample
+
+    def load_sample(path, *args, **kwargs):  # the runner's patch, for the in-process reference run
+        if path.name == FAILS_AT_LOAD:
+            raise BadImageError("corrupt or truncated image data (broken after the scan)")
+        return original(path, *args, **kwargs)
+    monkeypatch.setattr(data.dataset, "load_sample", load_sample)
+    assert data6.joinpath(FAILS_AT_LOAD).exists()
     adamw = work / "adamw.json"  # fp32 AdamW: adamw8bit's quantized states would turn rounding into bigger jumps
     adamw.write_text(json.dumps({"base": {"optimizer": "adamw"}}))
     reference = work / "one_process_accum4"
@@ -204,7 +228,7 @@ def test_two_machines_one_process_each_with_accumulation_train_as_one_job(tiny_s
         cwd = work / f"cwd_machine{machine_rank}"
         cwd.mkdir()
         procs.append(subprocess.Popen(
-            launch_cmd(port, processes=2, machines=2, machine_rank=machine_rank) + argv, cwd=cwd,
+            launch_cmd(port, processes=2, machines=2, machine_rank=machine_rank)[:-2] + [str(runner)] + argv, cwd=cwd,
             env=launch_env(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         outs = [p.communicate(timeout=LAUNCH_TIMEOUT)[0] for p in procs]
@@ -223,6 +247,23 @@ def test_two_machines_one_process_each_with_accumulation_train_as_one_job(tiny_s
     worst = max_diff(only_run(reference) / "ckpts" / "last-t-ep02-gs00004",
                      only_run(logdir) / "ckpts" / "last-t-ep02-gs00004")
     assert worst <= 1e-4, f"2 machines differ from 1 process with grad_accum 4 by {worst}"
+
+
+def test_every_image_failing_at_load_time_stops_all_processes_with_exit_2(tiny_sd_folder, data6, work):
+    """Steps whose images all fail on every process are not steps (the stand-in batches only meet DDP's
+    collectives); an epoch without a step stops every process with exit 2, no checkpoint, no hang."""
+    runner = work / "load_failure_runner.py"
+    runner.write_text(LOAD_FAILURE_RUNNER)
+    logdir, cwd = work / "all_fail", work / "cwd_all_fail"
+    cwd.mkdir()
+    proc = subprocess.run(launch_cmd(free_port())[:-2] + [str(runner)] + base_args(tiny_sd_folder, data6, logdir),
+                          cwd=cwd, env={**launch_env(cwd), "FAIL_AT_LOAD": "*"}, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT)
+    out = output(proc)
+    assert proc.returncode != 0 and "exitcode  : 2" in out, out[-4000:]
+    assert "error: epoch 1: every image failed to load (" in out
+    assert ckpt_names(logdir) == []
+    assert not [m for m in read_metrics(only_run(logdir)) if "loss/log_step" in m]
 
 
 def test_sigterm_to_one_process_stops_all_with_one_interrupted_checkpoint(tiny_sd_folder, data6, work):

@@ -48,7 +48,7 @@ def test_recursive_extensions_case_insensitive_and_dot_entries_skipped(tmp_path)
     assert any("h-masklabel.png" in w and "mask without an image" in w for w in scan.warnings)
 
 
-def test_scan_reads_headers_only(tmp_path, monkeypatch):
+def test_scan_without_decode_reads_headers_only(tmp_path, monkeypatch):
     from PIL import WebPImagePlugin
     for k in range(5):
         exif = Image.Exif()
@@ -62,7 +62,7 @@ def test_scan_reads_headers_only(tmp_path, monkeypatch):
         raise AssertionError("the scan decoded pixel data")
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     monkeypatch.setattr(WebPImagePlugin.WebPImageFile, "load", no_decoding)
-    scan = scan_dataset(tmp_path, S512)
+    scan = scan_dataset(tmp_path, S512, decode=False)
     assert len(scan.items) == 20 and scan.skipped == []
     for item in scan.items:                          # EXIF orientation 6 was read from the headers alone
         suffix = item.rel_path.rsplit(".", 1)[1]
@@ -84,6 +84,55 @@ def test_broken_symlink_and_unreadable_file_are_reported(tmp_path):
     assert reasons["dangling.png"] == "broken symbolic link (its target does not exist)"
     if not readable:
         assert reasons["locked.png"] == "cannot read the file: permission denied"
+
+
+def test_symlink_loops_and_dangling_links_are_reported_not_fatal(tmp_path):
+    img(tmp_path / "ok.png")
+    (tmp_path / "self").symlink_to("self")                  # a link to itself: stat() fails with ELOOP
+    (tmp_path / "self.png").symlink_to("self.png")
+    (tmp_path / "ping").symlink_to("pong")                  # two links pointing at each other
+    (tmp_path / "pong").symlink_to("ping")
+    img(tmp_path / "a" / "in_a.png")                        # two real folders linking to each other
+    (tmp_path / "a" / "to_b").symlink_to("../b")
+    img(tmp_path / "b" / "in_b.png")
+    (tmp_path / "b" / "to_a").symlink_to("../a")
+    (tmp_path / "gone").symlink_to("nowhere")               # dangling links of every kind
+    (tmp_path / "gone.txt").symlink_to("nowhere.txt")
+    (tmp_path / "gone.png").symlink_to("nowhere.png")
+    scan = scan_dataset(tmp_path, S512)
+    assert sorted(by_path(scan)) == ["a/in_a.png", "a/to_b/in_b.png", "ok.png"]
+    r = dict(scan.skipped)
+    assert r["self.png"].startswith("symbolic link loop") and r["gone.png"].startswith("broken symbolic link")
+    for name, reason in [("self", "symbolic link loop"), ("ping", "symbolic link loop"),
+                         ("pong", "symbolic link loop"), ("gone", "broken symbolic link"),
+                         ("gone.txt", "broken symbolic link")]:
+        assert any(w.startswith(f"{name}: {reason}") for w in scan.warnings), (name, scan.warnings)
+    assert any("already scanned (symlink loop?)" in w for w in scan.warnings)
+
+
+def test_non_utf8_file_name_is_escaped_in_reports_and_decoded_for_its_caption(tmp_path):
+    from data.report import summarize, write_dataset_report
+    import json
+    raw = os.fsencode(tmp_path)
+    Image.new("RGB", (64, 64)).save(raw + b"/caf\xe9 au lait_1.png")        # Latin-1 / Windows-1252 bytes
+    Image.new("RGB", (64, 64)).save(raw + b"/sidecar\xff.png")
+    (Path(os.fsdecode(raw + b"/sidecar\xff.txt"))).write_text("from the sidecar")
+    os.mkdir(raw + b"/dir\xfe")
+    Image.new("RGB", (64, 64)).save(raw + b"/dir\xfe/x.png")
+    (Path(os.fsdecode(raw + b"/dir\xfe/bad\x81\xff.png"))).write_bytes(b"")
+    scan = scan_dataset(tmp_path, S512)
+    items = by_path(scan)
+    assert sorted(items) == ["caf\\xe9 au lait_1.png", "dir\\xfe/x.png", "sidecar\\xff.png"]
+    cafe = items["caf\\xe9 au lait_1.png"]
+    assert cafe.caption == "café au lait" and cafe.path.exists()
+    assert any("not valid UTF-8" in n and "Windows-1252" in n for n in cafe.notes)
+    assert items["sidecar\\xff.png"].caption == "from the sidecar" and not items["sidecar\\xff.png"].notes
+    assert dict(scan.skipped) == {"dir\\xfe/bad\\x81\\xff.png": "empty file (0 bytes)"}
+    out = tmp_path / "dataset.jsonl"
+    write_dataset_report(scan, out)
+    paths = [json.loads(line)["path"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(paths) == sorted([*items, "dir\\xfe/bad\\x81\\xff.png"])
+    summarize(scan).encode("utf-8")                         # printable: no surrogate escapes left
 
 
 @pytest.mark.parametrize("fmt, suffix", [("JPEG", ".jpg"), ("PNG", ".png"), ("WEBP", ".webp")])
@@ -288,12 +337,96 @@ def test_bad_image_files_are_skipped_with_reasons(tmp_path):
     assert "unsupported image format '.gif'" in r["anim.gif"]
 
 
-def test_corrupt_pixel_data_passes_the_scan(tmp_path):
-    # header fine, data cut: found at load time (see test_data_dataset), not by the header-only scan
-    img(tmp_path / "cut.jpg", size=(256, 256), fmt="JPEG")
-    data = (tmp_path / "cut.jpg").read_bytes()
-    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
-    assert len(scan_dataset(tmp_path, S512).items) == 1
+def cut(path: Path, keep: float = 0.5) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    return path
+
+
+def noisy(path: Path, size=(256, 256), fmt=None) -> Path:
+    """An image that compresses badly, so cutting its file cuts pixel data, not just trailing metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3)).save(path, fmt)
+    return path
+
+
+def bad_pixel_data(folder: Path) -> list[str]:
+    """Files whose header reads fine but whose pixel data does not decode."""
+    cut(noisy(folder / "cut.jpg", fmt="JPEG"))
+    cut(noisy(folder / "cut.png"))
+    cut(noisy(folder / "cut.webp", fmt="WEBP"))               # PIL's WebP decoder fails already in the header
+    cut(noisy(folder / "cut.bmp", fmt="BMP"))
+    png = noisy(folder / "crc.png").read_bytes()              # one flipped byte inside the compressed data
+    (folder / "crc.png").write_bytes(png[:1000] + bytes([png[1000] ^ 0xFF]) + png[1001:])
+    return ["crc.png", "cut.bmp", "cut.jpg", "cut.png"]
+
+
+def test_corrupt_pixel_data_is_skipped_by_the_scan_with_the_loaders_verdict(tmp_path):
+    from data.dataset import BatchDataset, BatchPlan
+    img(tmp_path / "good.jpg", fmt="JPEG")
+    bad = bad_pixel_data(tmp_path)
+    headers_only = scan_dataset(tmp_path, S512, decode=False)      # what the loader would meet
+    assert len(headers_only.items) == 5 and list(reasons(headers_only)) == ["cut.webp"]
+    good = next(k for k, i in enumerate(headers_only.items) if i.rel_path == "good.jpg")
+    loader = {}                                                     # the loader's reasons, image by image
+    for k, item in enumerate(headers_only.items):
+        batch = BatchDataset(headers_only.items, [BatchPlan([good, k], (512, 512), 0)], seed=0, epoch=0)[0]
+        loader.update(batch["skipped"])
+    scan = scan_dataset(tmp_path, S512)
+    assert [i.rel_path for i in scan.items] == ["good.jpg"]
+    assert {k: v for k, v in reasons(scan).items() if k != "cut.webp"} == loader and sorted(loader) == bad
+    assert all(r.startswith("corrupt or truncated image data") for r in loader.values())
+
+
+def test_the_full_decode_uses_the_loaders_function_in_threads(tmp_path, monkeypatch):
+    import threading
+    import data.transforms as transforms
+    for k in range(6):
+        img(tmp_path / f"{k}.png")
+    seen, original = [], transforms.load_rgb
+
+    def spy(path, cover=None):
+        seen.append((Path(path).name, cover, threading.current_thread() is threading.main_thread()))
+        return original(path, cover)
+    monkeypatch.setattr(transforms, "load_rgb", spy)
+    assert len(scan_dataset(tmp_path, S512).items) == 6
+    assert sorted(seen) == [(f"{k}.png", (512, 512), False) for k in range(6)]
+
+
+def test_a_mask_with_corrupt_pixel_data_is_dropped_at_scan_time(tmp_path):
+    img(tmp_path / "a.png")
+    noisy(tmp_path / "a-masklabel.png", size=(64, 64))
+    cut(tmp_path / "a-masklabel.png")
+    scan = scan_dataset(tmp_path, S512)
+    item = scan.items[0]
+    assert item.mask_path is None
+    assert any(w.startswith("a.png: mask a-masklabel.png: corrupt or truncated") and "without a mask" in w
+               for w in scan.warnings)
+
+
+def test_the_full_decode_leaves_the_warning_filters_as_they_were(tmp_path, monkeypatch):
+    """Two threads inside the reader at once, the first leaving first: with warnings.catch_warnings() the second's
+    exit would put back the filter list it saw on entry, one with the first's filter in it, for good."""
+    import threading
+    import time
+    import warnings
+    import data.discovery as discovery
+    from PIL import ImageFile
+    for k in range(2):
+        img(tmp_path / f"{k}.png")
+    monkeypatch.setattr(discovery, "DECODE_THREADS", 2)
+    both_inside, arrivals, original = threading.Barrier(2, timeout=10), [], ImageFile.ImageFile.load
+
+    def overlapping_load(self):
+        arrivals.append(threading.get_ident())
+        both_inside.wait()
+        if arrivals[-1] == threading.get_ident():
+            time.sleep(0.2)                     # the later arrival leaves later
+        return original(self)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", overlapping_load)
+    before = list(warnings.filters)
+    scan_dataset(tmp_path, S512)
+    assert warnings.filters == before
 
 
 def test_decompression_bombs_are_skipped(tmp_path, monkeypatch):
