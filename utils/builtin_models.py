@@ -1,9 +1,19 @@
 """Stable Diffusion models the project builds itself, with no download.
 
-`builtin:tiny-sd` is the ~110k-parameter model the quickstart and the tests train: fixed seeds, so its
-weights are the same on every machine. `builtin:sd15` and `builtin:sd21` are the real SD1.5 and SD2.1
-(768-v) architectures with random weights, for speed and memory benchmarks (speed does not depend on the
-values). All share a generated character-level CLIP tokenizer, so nothing is fetched from a hub.
+`builtin:tiny-sd` is the ~110k-parameter model the tests train: fixed seeds, so its weights are the same on every
+machine. Its VAE is random and maps every image to mush, which the tests do not mind (their pinned losses were
+recorded with it). `builtin:tiny-sd-quickstart` (~880k parameters) is the model of examples/quickstart.json, made
+so that a minute of CPU training shows in the samples:
+- its VAE's weights are written down, not drawn (colour_vae): it encodes an image as its colours at 1/8 size and
+  decodes them back, so a sample shows the colours the UNet put in the latent;
+- a wider UNet (32/64 channels) and text encoder (32), with 77 tokens: the tokenizer has one token a character, and
+  16 tokens cut "a red circle on a blue background" before its background;
+- v-prediction: at high noise its target is mostly the clean latent, so the first sampling steps place the colours
+  even while the model is weak, where an epsilon model's x0 estimate (its error times up to 15) is noise.
+It has its own name, so a cached tiny-sd folder (built once per logdir) never stands in for it.
+`builtin:sd15` and `builtin:sd21` are the real SD1.5 and SD2.1 (768-v) architectures with random weights, for speed
+and memory benchmarks (speed does not depend on the values). All share a generated character-level CLIP tokenizer,
+so nothing is fetched from a hub.
 """
 from __future__ import annotations
 
@@ -23,6 +33,15 @@ _TINY_CLIP = dict(vocab_size=514, hidden_size=16, intermediate_size=32, num_hidd
 _TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                  sample_size=16)
+# colour_vae's layout: 4 levels (1/8 size latents, as in SD), 12 channels in 3 groups of 4. scaling_factor brings
+# the quickstart images' latents (pixel values in [-1, 1], std 0.61 at 1/8 size) to a std near 1, as SD's 0.18215.
+_COLOUR_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(12,) * 4, norm_num_groups=3,
+                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                   sample_size=64, scaling_factor=1.6)
+_QS_UNET = {**_TINY_UNET, "block_out_channels": (32, 64), "cross_attention_dim": 32, "attention_head_dim": 8,
+            "norm_num_groups": 8}
+_QS_CLIP = {**_TINY_CLIP, "hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 77}
+COLOUR_VAE_BUILTINS = {"tiny-sd-quickstart"}  # the built-ins whose VAE is colour_vae's, not random
 
 _SD_UNET = dict(act_fn="silu", block_out_channels=(320, 640, 1280, 1280),
                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -37,6 +56,9 @@ _SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.
 # name -> (unet kwargs, CLIP text config, VAE kwargs, scheduler kwargs, tokenizer max length)
 BUILTINS = {
     "tiny-sd": (_TINY_UNET, _TINY_CLIP, _TINY_VAE, _SCHEDULER, 16),
+    # see the docstring for the wider parts, 77 tokens and v-prediction
+    "tiny-sd-quickstart": (_QS_UNET, _QS_CLIP, _COLOUR_VAE,
+                           {**_SCHEDULER, "prediction_type": "v_prediction"}, 77),
     "tiny-sd-v": (_TINY_UNET, _TINY_CLIP, _TINY_VAE, {**_SCHEDULER, "prediction_type": "v_prediction"}, 16),
     "sd15": ({**_SD_UNET, "sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8},
              dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -98,7 +120,7 @@ def write_builtin(name: str, folder: Path) -> Path:
     torch.manual_seed(1)
     text_encoder = CLIPTextModel(CLIPTextConfig(**clip_kw))
     torch.manual_seed(2)
-    vae = AutoencoderKL(**vae_kw)
+    vae = colour_vae(vae_kw) if name in COLOUR_VAE_BUILTINS else AutoencoderKL(**vae_kw)
     scheduler = DDPMScheduler(**sched_kw)
     unet.save_pretrained(folder / "unet")
     text_encoder.save_pretrained(folder / "text_encoder")
@@ -112,6 +134,79 @@ def write_builtin(name: str, folder: Path) -> Path:
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]}, indent=2), encoding="utf-8")
     return folder
+
+
+_BIG = 100.0  # colour_vae's constant channels; see there
+
+
+def colour_vae(vae_kw: dict):
+    """An AutoencoderKL (12 channels in 3 groups of 4, any number of levels) that encodes an image as its mean
+    colour over each f x f block (f = 2 ** (levels - 1)), in latent channels 0-2 (channel 3 is always 0), and
+    decodes a latent by repeating each colour over its block: the decoder's output is exactly the latent, scaled
+    back and upsampled. No weight is random, so there is nothing to train and nothing to seed.
+
+    How each part becomes what it must be:
+    - every resnet's conv2 and every attention's output projection are zero, so those blocks pass their input
+      through unchanged (they add their output to a skip connection);
+    - the encoder's downsamplers average each 2 x 2 block, the decoder's upsamplers (nearest x2, then a conv)
+      keep the centre tap: identities around the resampling;
+    - the GroupNorm before each conv_out would remove every group's mean, the colour itself. So each group g
+      carries (x_g, -x_g, +BIG, -BIG): the group's mean is exactly 0, its variance (mean(x_g^2) + BIG^2) / 2 is
+      BIG^2 / 2 within 1e-4 for colours in [-1, 1], and a norm weight of BIG / sqrt(2) gives x_g and -x_g back;
+    - the SiLU after it is undone by conv_out reading silu(x) - silu(-x), which is x exactly.
+    The posterior's log-variance is -30 (std 3e-7): a latent sample is the mean."""
+    import math
+
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**vae_kw)
+    enc, dec = vae.encoder, vae.decoder
+    width = vae_kw["block_out_channels"]
+    if set(width) != {12} or vae_kw["norm_num_groups"] != 3 or vae_kw["latent_channels"] != 4:
+        raise ValueError("colour_vae needs 12 channels in 3 norm groups everywhere and 4 latent channels")
+
+    def centre(conv, out_ch: int, in_ch: int, value: float) -> None:
+        conv.weight[out_ch, in_ch, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = value
+
+    def colours_in(conv) -> None:  # 3 colour (or latent) channels -> (x, -x, BIG, -BIG) per group
+        for g in range(3):
+            centre(conv, 4 * g, g, 1.0)
+            centre(conv, 4 * g + 1, g, -1.0)
+            conv.bias[4 * g + 2], conv.bias[4 * g + 3] = _BIG, -_BIG
+
+    def colours_out(conv) -> None:  # silu(x_g) - silu(-x_g) = x_g -> channel g
+        for g in range(3):
+            centre(conv, g, 4 * g, 1.0)
+            centre(conv, g, 4 * g + 1, -1.0)
+
+    def norm_keeping_mean(norm) -> None:
+        for g in range(3):
+            norm.weight[4 * g] = norm.weight[4 * g + 1] = _BIG / math.sqrt(2)
+
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()   # GroupNorm weights too: unused norms scale to 0, and zeroed convs after them add nothing
+        colours_in(enc.conv_in)
+        for block in enc.down_blocks:
+            for down in block.downsamplers or []:
+                # pad (0, 1, 0, 1), 3 x 3 kernel, stride 2: taps [0:2, 0:2] are the 2 x 2 block, padding unread
+                for c in range(12):
+                    down.conv.weight[c, c, :2, :2] = 0.25
+        norm_keeping_mean(enc.conv_norm_out)
+        colours_out(enc.conv_out)
+        enc.conv_out.bias[4:] = -30.0          # log-variance
+        for c in range(8):
+            centre(vae.quant_conv, c, c, 1.0)
+        for c in range(4):
+            centre(vae.post_quant_conv, c, c, 1.0)
+        colours_in(dec.conv_in)
+        for block in dec.up_blocks:
+            for up in block.upsamplers or []:
+                for c in range(12):
+                    centre(up.conv, c, c, 1.0)
+        norm_keeping_mean(dec.conv_norm_out)
+        colours_out(dec.conv_out)
+    return vae
 
 
 def builtin_folder(name: str, cache_root: Path) -> Path:

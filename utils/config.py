@@ -23,8 +23,10 @@ CONFIG_VERSION = 1
 class TrainConfig:
     # --- model and data ---
     resume_ckpt: str = doc("", "Model to start from: a local diffusers folder, a hub id (needs network), "
-                               "'findlast' (newest checkpoint under logdir), or 'builtin:tiny-sd' / "
-                               "'builtin:sd15' / 'builtin:sd21' (built locally, random weights).")
+                               "'findlast' (newest checkpoint under logdir), or a model built locally: "
+                               "'builtin:tiny-sd-quickstart' (the quickstart's; its VAE reconstructs images), "
+                               "'builtin:tiny-sd' (the tests'), 'builtin:sd15' / 'builtin:sd21' (random weights, "
+                               "for benchmarks).")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = doc(
         "auto", "What the model predicts. auto: from the model's scheduler config (or a single file's .yaml "
                 "sidecar); set v_prediction for an SD2 768-v single file without a sidecar.")

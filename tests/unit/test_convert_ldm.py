@@ -343,11 +343,15 @@ def test_export_refuses_wrong_suffix_and_non_diffusers_folder(sd1, tmp_path):
         C.save_single_file(tmp_path, tmp_path / "m.safetensors")
 
 
-def test_builtin_tiny_sd_exports_and_imports_back(tiny_sd_folder, tmp_path):
-    """The project's own built-in model (2 levels, 1 layer per block): what the trainer exports at each save."""
-    out = C.save_single_file(tiny_sd_folder, tmp_path / "tiny-sd.safetensors", half=False)
-    back = C.single_file_to_diffusers(out, tmp_path / "back", config_folder=tiny_sd_folder)
-    w, w2 = _weights(tiny_sd_folder), _weights(back)
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd-quickstart"])
+def test_builtin_tiny_models_export_and_import_back(name, tiny_sd_folder, tmp_path):
+    """The project's own built-in models (tiny-sd: 2 levels, 1 layer per block; the quickstart's: a 4-level VAE
+    with written-down weights, v-prediction): what the trainer exports at each save."""
+    from utils.builtin_models import builtin_folder
+    folder = tiny_sd_folder if name == "tiny-sd" else builtin_folder(name, tmp_path / "models")
+    out = C.save_single_file(folder, tmp_path / f"{name}.safetensors", half=False)
+    back = C.single_file_to_diffusers(out, tmp_path / "back", config_folder=folder)
+    w, w2 = _weights(folder), _weights(back)
     for c in ("unet", "vae", "text_encoder"):
         assert_same_tensors(w[c], w2[c])
 
