@@ -40,14 +40,20 @@ def compile_with(monkeypatch):
     return use
 
 
-def test_each_batch_shape_compiles_once_over_two_epochs(tiny_sd_folder, buckets, tmp_path, compile_with):
-    compiled = []   # the 4-D input shapes of every UNet graph dynamo handed to the backend
+def recorded_compiles(compile_with) -> list:
+    """The 4-D input shapes of every UNet graph dynamo hands to the backend, as the run goes."""
+    compiled = []
 
     def recording(gm, example_inputs):
         if shapes := spatial_shapes(example_inputs):
             compiled.append(frozenset(shapes))
         return gm.forward
     compile_with(recording)
+    return compiled
+
+
+def test_each_batch_shape_compiles_once_over_two_epochs(tiny_sd_folder, buckets, tmp_path, compile_with):
+    compiled = recorded_compiles(compile_with)
     logdir = tmp_path / "run"
     assert run_train(args(tiny_sd_folder, buckets, logdir, max_epochs=2, compile_max_shapes=8)) == 0
     assert len(compiled) == 5                      # three buckets, two of them with a short batch
@@ -60,13 +66,7 @@ def test_each_batch_shape_compiles_once_over_two_epochs(tiny_sd_folder, buckets,
 
 
 def test_compile_max_shapes_leaves_the_rare_shapes_uncompiled(tiny_sd_folder, buckets, tmp_path, compile_with):
-    compiled = []
-
-    def recording(gm, example_inputs):
-        if shapes := spatial_shapes(example_inputs):
-            compiled.append(frozenset(shapes))
-        return gm.forward
-    compile_with(recording)
+    compiled = recorded_compiles(compile_with)
     logdir = tmp_path / "run"
     assert run_train(args(tiny_sd_folder, buckets, logdir, compile_max_shapes=1)) == 0
     assert len(compiled) == 1
