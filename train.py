@@ -11,7 +11,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.config import ConfigError, config_to_dict, help_text, load_config
+    from utils.run.config import ConfigError, config_to_dict, help_text, load_config
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg, flags = load_config(argv)
@@ -25,11 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         import json
         print(json.dumps(config_to_dict(cfg), indent=2))
         return 0
-    from utils.trainer import Trainer
+    from utils.run.trainer import Trainer
     trainer = None
     try:
         if flags.get("check"):
-            from utils.check import check_data
+            from utils.run.check import check_data
             return check_data(cfg)
         trainer = Trainer(cfg, config_path=flags.get("config"))
         trainer.setup()

@@ -85,12 +85,12 @@ def batch_size(name: str) -> int:
 def prewarm(names: list[str]) -> None:
     """Two steps of a preset on each bucket alone, the three buckets at once (one preset after the other, so the
     GPU's memory holds them): inductor's caches then hold every graph, and the timed runs compile from the cache,
-    as a user's second run does. No saves, no samples (utils.benchmark)."""
+    as a user's second run does. No saves, no samples (utils.perf.benchmark)."""
     for name in names:
         config, extra, _ = PRESETS[name]
         procs = []
         for w, h in SIZES:
-            cmd = [sys.executable, "-m", "utils.benchmark", "--arch", "sd15", "--image_size", str(w), str(h),
+            cmd = [sys.executable, "-m", "utils.perf.benchmark", "--arch", "sd15", "--image_size", str(w), str(h),
                    "--batch_size", str(batch_size(name)), "--steps", "1", "--warmup", "1",
                    "--workdir", str(WORK / f"prewarm-{name}-{w}x{h}"), "--config", config,
                    *[a for a in extra if a not in ("--batch_size", str(batch_size(name)))]]

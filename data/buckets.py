@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from utils.config_schema import ConfigError
+from utils.core.config_schema import ConfigError
 
 SIDE_STEP = 64          # SD's VAE (8x) and UNet (3 downsamplings) need sides divisible by 64
 MAX_ASPECT = 4.0        # EveryDream2: up to 4:1 both ways

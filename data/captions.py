@@ -12,7 +12,7 @@ import random
 import re
 from dataclasses import dataclass, field, replace
 
-from utils.config_schema import did_you_mean
+from utils.core.config_schema import did_you_mean
 
 DEFAULT_MAX_CAPTION_LENGTH = 2048   # characters; EveryDream2's default for weighted tag shuffling
 

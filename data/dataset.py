@@ -29,7 +29,7 @@ from data.latent_cache import LatentCacheIndex
 from data.report import problem_summary, summarize, write_dataset_report
 from data.sampler import BatchPlan, epoch_batches, schedule_filename, write_schedule
 from data.transforms import BadImageError, crop_box, load_mask, load_sample, render_mask
-from utils.config_schema import ConfigError
+from utils.core.config_schema import ConfigError
 
 __all__ = ["DataSettings", "DataScan", "ImageItem", "BatchPlan", "BatchDataset", "ConfigError", "scan_dataset",
            "require_usable",

@@ -30,7 +30,7 @@ from data.captions import (DEFAULT_MAX_CAPTION_LENGTH, FOLDER_FILES, CaptionFile
                            merge_layers, resolve_caption)
 from data.items import DataScan, DataSettings, ImageItem, printable, require_valid_settings
 from data.transforms import BadImageError, read_image_size
-from utils.config_schema import ConfigError
+from utils.core.config_schema import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jfif")
 UNSUPPORTED_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".psd")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.config_schema import ConfigError
+from utils.core.config_schema import ConfigError
 
 
 def printable(name: str) -> str:

@@ -34,7 +34,7 @@ import torch
 
 from data.buckets import nearest_bucket
 from data.transforms import BadImageError, crop_box, load_rgb, render_image
-from utils.file_writes import match_umask
+from utils.core.file_writes import match_umask
 
 log = logging.getLogger(__name__)
 

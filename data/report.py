@@ -81,7 +81,7 @@ def summarize(scan: DataScan, max_listed: int = 20) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from data.discovery import require_usable, scan_dataset
-    from utils.config_schema import ConfigError
+    from utils.core.config_schema import ConfigError
     parser = argparse.ArgumentParser(prog="python -m data.report", description="Scan a training folder and "
                                      "print what the trainer would use.")
     parser.add_argument("data_root")

@@ -20,7 +20,7 @@ from optimizer.config import (ADAPTIVE_OPTIMIZERS, DECAYING_SCHEDULERS, SCHEDULE
                               PartSettings, Warn, stderr_warn)
 from optimizer.freezing import FreezePlan, apply_text_encoder_freezing
 from optimizer.schedules import lr_multiplier, resolve_schedule_steps
-from utils.config_schema import ConfigError
+from utils.core.config_schema import ConfigError
 
 # EveryDream2's scale_lr exponent, fitted between SD's original (lr 1e-4 at batch 4096) and DreamBooth (1e-6 at 1-2).
 SCALE_LR_EXPONENT = 0.55

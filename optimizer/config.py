@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from utils.config_schema import (ConfigError, check_fields, describe_type, did_you_mean, doc, field_default,
+from utils.core.config_schema import (ConfigError, check_fields, describe_type, did_you_mean, doc, field_default,
                                  null_meaning, read_json, schema_fields, to_jsonable)
 
 CONFIG_VERSION = 1

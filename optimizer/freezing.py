@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from optimizer.config import FreezeSettings
-from utils.config_schema import ConfigError
+from utils.core.config_schema import ConfigError
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ import bitsandbytes.functional as F
 import torch
 
 from optimizer import triton8bit
-from utils.config_schema import ConfigError
+from utils.core.config_schema import ConfigError
 
 BLOCK_SIZE = 256            # bitsandbytes' blockwise quantization block (Optimizer2State / Optimizer1State)
 MIN_8BIT_SIZE = 4096        # bitsandbytes' min_8bit_size: smaller tensors keep fp32 state

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from utils.config_schema import ConfigError
+from utils.core.config_schema import ConfigError
 
 try:   # torch's CUDA wheels bring Triton; the CPU wheel does not
     import triton

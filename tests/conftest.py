@@ -24,5 +24,5 @@ sys.path.insert(0, str(ROOT))
 @pytest.fixture(scope="session")
 def tiny_sd_folder(tmp_path_factory) -> Path:
     """The built-in tiny SD model (fixed seeds) saved once per test run as a diffusers folder."""
-    from utils.builtin_models import builtin_folder
+    from utils.sd.builtin_models import builtin_folder
     return builtin_folder("tiny-sd", tmp_path_factory.mktemp("models"))

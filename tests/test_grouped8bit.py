@@ -11,7 +11,7 @@ from optimizer.build import build_optimizer_parts, describe  # noqa: E402
 from optimizer.config import load_optimizer_config, optimizer_config_to_json  # noqa: E402
 from optimizer.grouped8bit import (BLOCK_SIZE, MIN_8BIT_SIZE, STATE_MARKER, AdamW8bit, Grouped8bit,  # noqa: E402
                                    GroupedAdamW8bit, GroupedLion8bit, Lion8bit)
-from utils.config_schema import ConfigError  # noqa: E402
+from utils.core.config_schema import ConfigError  # noqa: E402
 
 CHUNK = 32768   # small: several 8-bit chunks, the shared buffers reused
 DIRECT = 100_000   # tensors this large are stepped in place, alone in their chunk

@@ -16,7 +16,7 @@ import bitsandbytes.functional as F  # noqa: E402
 
 from optimizer import grouped8bit, triton8bit  # noqa: E402
 from optimizer.grouped8bit import BLOCK_SIZE, GroupedAdamW8bit  # noqa: E402
-from utils.config_schema import ConfigError  # noqa: E402
+from utils.core.config_schema import ConfigError  # noqa: E402
 
 Q1, Q2 = F.create_dynamic_map(signed=True), F.create_dynamic_map(signed=False)
 HYPER = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.integration.conftest import base_args, only_run, read_metrics, run_train
-from utils.run_logging import get_logger
+from utils.core.run_logging import get_logger
 
 
 class CurrentStdout:
@@ -118,7 +118,7 @@ def test_run_skips_a_truncated_image_before_planning_epochs(tiny_sd_folder, data
 @pytest.mark.parametrize("check", [False, True])
 def test_every_image_broken_stops_before_a_model_loads(tiny_sd_folder, dataset, tmp_path, console, monkeypatch,
                                                        check):
-    import utils.trainer as trainer_module
+    import utils.run.trainer as trainer_module
 
     def no_model(*_args, **_kwargs):
         raise AssertionError("a model was loaded")

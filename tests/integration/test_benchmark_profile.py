@@ -3,14 +3,14 @@ import json
 
 
 def test_benchmark_profile_reports_time_by_category(tmp_path, capsys):
-    from utils.benchmark import run
+    from utils.perf.benchmark import run
     result = run(["--arch", "tiny-sd", "--resolution", "64", "--batch_size", "2", "--steps", "3", "--warmup", "1",
                   "--profile", "2", "--workdir", str(tmp_path), "--num_workers", "0"])
     assert result["images_per_s"] > 0 and result["timed_steps"] == 3
     profile = result["profile"]
     assert profile and all(isinstance(v, float) and v >= 0 for v in profile.values())
     assert list(profile.values()) == sorted(profile.values(), reverse=True)
-    from utils.trainer import PHASES   # the trainer's profiler ranges reach the report (GPU idle needs CUDA)
+    from utils.run.trainer import PHASES   # the trainer's profiler ranges reach the report (GPU idle needs CUDA)
     assert set(result["profile_host_ms"]) == set(PHASES) and all(v > 0 for v in result["profile_host_ms"].values())
     assert "profile_idle" not in result
     lines = capsys.readouterr().out.strip().splitlines()
@@ -23,7 +23,7 @@ def test_benchmark_profile_reports_time_by_category(tmp_path, capsys):
 
 
 def test_benchmark_with_several_image_sizes_trains_several_buckets(tmp_path):
-    from utils.benchmark import run
+    from utils.perf.benchmark import run
     result = run(["--arch", "tiny-sd", "--resolution", "128", "--batch_size", "2", "--steps", "3", "--warmup", "1",
                   "--images", "8", "--image_size", "128", "128", "--image_size", "192", "96",
                   "--workdir", str(tmp_path), "--num_workers", "0", "--write_schedule", "true"])

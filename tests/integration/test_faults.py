@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import utils.trainer as trainer_module
+import utils.run.trainer as trainer_module
 from tests.integration.conftest import base_args, only_run, run_train
-from utils.checkpoint import TMP_SUFFIX, find_last, load_trainer_state
+from utils.run.checkpoint import TMP_SUFFIX, find_last, load_trainer_state
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,7 +65,7 @@ def test_kill_during_save_leaves_earlier_checkpoints_and_findlast_skips_the_part
     runner.write_text(f"""
 import sys, time, pathlib
 sys.path.insert(0, {str(ROOT)!r})
-import utils.trainer as T
+import utils.run.trainer as T
 original, calls = T.save_trainer_state, []
 def slow_second_save(folder, state):
     calls.append(folder)
@@ -281,7 +281,7 @@ def test_an_error_in_the_step_ends_the_run_and_its_loader_workers(tiny_sd_folder
     runner.write_text(f"""
 import os, pathlib, sys
 sys.path.insert(0, {str(ROOT)!r})
-import utils.trainer as T
+import utils.run.trainer as T
 ignore_signals, micro_step, calls = T._workers_ignore_stop_signals, T.Trainer._micro_step, []
 def recording_worker_init(worker_id):
     with open({str(pids)!r}, "a") as f:

@@ -9,7 +9,7 @@ and it uses v-prediction, whose target at high noise is mostly the clean latent,
 import torch
 
 from tests.integration.conftest import base_args, run_train
-from utils.checkpoint import find_last
+from utils.run.checkpoint import find_last
 
 COLOURS = {"red": (230, 20, 20), "green": (20, 210, 40), "blue": (30, 40, 230), "yellow": (235, 225, 30)}
 
@@ -25,7 +25,7 @@ def make_colour_dataset(root):
 
 def colour_model(folder):
     from diffusers import AutoencoderKL
-    from utils.builtin_models import write_builtin
+    from utils.sd.builtin_models import write_builtin
     write_builtin("tiny-sd-v", folder)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
     with torch.no_grad():

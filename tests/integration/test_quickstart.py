@@ -3,7 +3,7 @@ background" is blue around a red centre. Judged from the sample's colours, relat
 samples (not from the loss, and with no exact pixel values, which move with torch versions).
 
 With a random VAE (the built-in tiny-sd's) every sample decodes to the same mush and this test fails; it passes
-because tiny-sd-quickstart's VAE (utils/builtin_models.py colour_vae) decodes latents back to colours.
+because tiny-sd-quickstart's VAE (utils/sd/builtin_models.py colour_vae) decodes latents back to colours.
 """
 from pathlib import Path
 

@@ -57,7 +57,7 @@ def test_findlast_takes_newest_complete_checkpoint(tiny_sd_folder, dataset, tmp_
     done = final_ckpt(logdir)
     # a half-written save (a kill during the rename window) must never be taken
     (done.parent / "t-ep09-gs09999.tmp").mkdir()
-    from utils.checkpoint import find_last
+    from utils.run.checkpoint import find_last
     assert find_last(logdir) == done
 
 

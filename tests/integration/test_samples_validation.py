@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from tests.integration.conftest import base_args, make_dataset, read_metrics
-from utils.trainer import Trainer
-from utils.validation import validation_due
+from utils.run.trainer import Trainer
+from utils.eval.validation import validation_due
 
 def run(monkeypatch, argv: list[str], validation_config: str | None = None) -> Trainer:
     """train.main's steps, keeping the Trainer to look at."""
-    from utils.config import load_config
+    from utils.run.config import load_config
     argv = argv + (["--validation_config", validation_config] if validation_config else [])
     cfg, _ = load_config(argv)
     trainer = Trainer(cfg)
@@ -90,7 +90,7 @@ def test_samples_and_validation_do_not_change_the_trained_weights(tiny_sd_folder
 
 
 def test_sampling_out_of_memory_skips_the_samples_and_training_goes_on(tiny_sd_folder, data, tmp_path, monkeypatch):
-    import utils.trainer as trainer_module
+    import utils.run.trainer as trainer_module
     real_generate, calls = trainer_module.generate, []
 
     def generate_once_out_of_memory(*args, **kwargs):

@@ -81,8 +81,8 @@ def test_compile_blocks_trains_like_eager_and_hands_over_gradients_block_by_bloc
     Samples (no grad) run the blocks uncompiled."""
     from diffusers import UNet2DConditionModel
     from optimizer import grouped8bit
-    from utils import trainer as trainer_module
-    from utils.builtin_models import BUILTINS
+    from utils.run import trainer as trainer_module
+    from utils.sd.builtin_models import BUILTINS
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     calls_with_grad = []
     original = trainer_module.compiled_when_grad_enabled
@@ -161,7 +161,7 @@ def test_cached_latents_train_like_the_vae_in_the_step(tiny_sd_folder, tmp_path)
 
 
 def test_benchmark_reports_speed_flops_and_memory(tmp_path):
-    from utils.benchmark import run
+    from utils.perf.benchmark import run
     result = run(["--arch", "tiny-sd", "--resolution", "64", "--batch_size", "2", "--steps", "2", "--warmup", "2",
                   "--workdir", str(tmp_path), "--cache_latents", "true", "--num_workers", "0",
                   "--loss_trace", str(tmp_path / "loss.jsonl")])
@@ -174,8 +174,8 @@ def test_compile_wraps_only_the_step_modules(tiny_sd_folder, dataset, tmp_path, 
     """Sampling, validation and saving use the plain modules: they must neither recompile for their own shapes nor
     (with DDP) strip the DDP wrapper out of the compiled step module, as accelerate's unwrap_model would."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    from utils.config import load_config
-    from utils.trainer import Trainer
+    from utils.run.config import load_config
+    from utils.run.trainer import Trainer
     cfg, _ = load_config(base_args(tiny_sd_folder, dataset, tmp_path / "logs", torch_compile=True))
     trainer = Trainer(cfg)
     try:
@@ -193,8 +193,8 @@ def test_sdp_backend_puts_its_kernel_first_for_the_run_only(tiny_sd_folder, data
     the first refuses fall back); cleanup restores torch's order for whatever runs next in the process."""
     from torch.nn.attention import SDPBackend
 
-    from utils.config import load_config
-    from utils.trainer import Trainer
+    from utils.run.config import load_config
+    from utils.run.trainer import Trainer
     before = torch._C._get_sdp_priority_order()
     cfg, _ = load_config(base_args(tiny_sd_folder, dataset, tmp_path / "logs", sdp_backend="cudnn"))
     trainer = Trainer(cfg)
@@ -256,8 +256,8 @@ def test_compile_layout_optimization_reaches_inductor_and_learns_the_same(plain_
 
 
 def test_overlap_optimizer_step_needs_the_fused_step_and_a_gpu(tiny_sd_folder, dataset, tmp_path, capsys):
-    from utils.config import load_config
-    from utils.config_schema import ConfigError
+    from utils.run.config import load_config
+    from utils.core.config_schema import ConfigError
     with pytest.raises(ConfigError, match="overlap_optimizer_step true needs fused_backward_pass true"):
         load_config(base_args(tiny_sd_folder, dataset, tmp_path / "logs", overlap_optimizer_step=True))
     args = base_args(tiny_sd_folder, dataset, tmp_path / "logs", overlap_optimizer_step=True, fused_backward_pass=True)

@@ -96,6 +96,6 @@ def test_empty_data_folder_is_an_error(tiny_sd_folder, tmp_path, capsys):
 def test_help_lists_every_key(capsys):
     assert run_train(["--help"]) == 0
     out = capsys.readouterr().out
-    from utils.config import TrainConfig
+    from utils.run.config import TrainConfig
     from dataclasses import fields
     assert all(f"--{f.name}" in out for f in fields(TrainConfig))

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from utils.benchmark import _memory_growth, compare_main, loss_agreement, sync_sites
-from utils.flops import peak_tflops, training_flops_per_image
+from utils.perf.benchmark import _memory_growth, compare_main, loss_agreement, sync_sites
+from utils.perf.flops import peak_tflops, training_flops_per_image
 
 
 def trace(losses):
@@ -56,7 +56,7 @@ def test_peak_table_prefers_specific_names():
 def test_sd15_training_flops_match_the_reference_count():
     """2.45 TFLOP per image with cached latents (../shared/bench/README.md counts the same way)."""
     from transformers import CLIPTextConfig
-    from utils.builtin_models import BUILTINS
+    from utils.sd.builtin_models import BUILTINS
     unet, clip, vae = BUILTINS["sd15"][:3]
     flops = training_flops_per_image(unet, CLIPTextConfig(**clip), None, width=512, height=512,
                                      train_text_encoder=True)
@@ -111,12 +111,12 @@ def test_sd15_training_flops_match_the_reference_count():
     ("aten::mul", "other"),
 ])
 def test_kernel_category(name, category):
-    from utils.benchmark import kernel_category
+    from utils.perf.benchmark import kernel_category
     assert kernel_category(name) == category
 
 
 def test_summarize_profile_per_step_and_largest_first():
-    from utils.benchmark import summarize_profile
+    from utils.perf.benchmark import summarize_profile
     rows = [("void pytorch_flash::flash_bwd_dq_dk_dv_loop_kernel<...>", 6000.0, 32),
             ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", 10000.0, 64),
             ("ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_stages_32x6_tn", 2000.0, 8),
@@ -138,7 +138,7 @@ def test_profile_rows_count_each_kernel_once():
 
     from torch.autograd import DeviceType
 
-    from utils.benchmark import _profile_rows
+    from utils.perf.benchmark import _profile_rows
 
     def event(key, device_type, us, annotation=False):
         return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=us, self_cpu_time_total=us,
@@ -153,7 +153,7 @@ def test_profile_rows_count_each_kernel_once():
 
 
 def test_idle_by_phase_charges_gpu_gaps_to_what_the_host_was_doing():
-    from utils.benchmark import idle_by_phase
+    from utils.perf.benchmark import idle_by_phase
     kernels = [(10e3, 40e3), (35e3, 60e3), (90e3, 100e3), (100e3, 120e3)]   # overlapping and touching (us)
     phases = [("step: data", 0.0, 15e3), ("step: forward", 15e3, 70e3), ("step: optimizer", 80e3, 110e3)]
     out = idle_by_phase(kernels, phases, start=0.0, steps=2)
@@ -168,14 +168,14 @@ def test_idle_by_phase_charges_gpu_gaps_to_what_the_host_was_doing():
 def test_annotated_yields_everything_inside_profiler_ranges():
     import torch
 
-    from utils.trainer import annotated
+    from utils.run.trainer import annotated
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         assert list(annotated(iter([1, 2, 3]), "step: data")) == [1, 2, 3]
     assert sum(e.name == "step: data" for e in prof.events()) == 4   # three items and the fetch that ended it
 
 
 def test_synthetic_data_folder_per_count_and_size(tmp_path):
-    from utils.benchmark import synthetic_data_folder
+    from utils.perf.benchmark import synthetic_data_folder
     a = synthetic_data_folder(tmp_path, 3, [(64, 64)])
     b = synthetic_data_folder(tmp_path, 5, [(64, 64)])
     assert a != b and len(list(a.iterdir())) == 3 and len(list(b.iterdir())) == 5
@@ -186,7 +186,7 @@ def test_synthetic_data_folder_per_count_and_size(tmp_path):
 
 def test_synthetic_data_folder_takes_several_sizes_in_turn(tmp_path):
     from PIL import Image
-    from utils.benchmark import synthetic_data_folder
+    from utils.perf.benchmark import synthetic_data_folder
     one = synthetic_data_folder(tmp_path, 4, [(64, 64)])
     mixed = synthetic_data_folder(tmp_path, 4, [(64, 64), (96, 32)])
     assert mixed != one
@@ -203,10 +203,10 @@ def test_sync_sites_count_the_lines_that_made_the_host_wait():
     def record(message, filename, lineno):
         return warnings.WarningMessage(message, UserWarning, filename, lineno)
 
-    records = [record("called a synchronizing CUDA operation", "/x/utils/trainer.py", 751),
-               record("some other warning", "/x/utils/step.py", 3),
-               record("called a synchronizing CUDA operation", "/x/utils/step.py", 55),
-               record("called a synchronizing CUDA operation", "/x/utils/step.py", 55)]
+    records = [record("called a synchronizing CUDA operation", "/x/utils/run/trainer.py", 751),
+               record("some other warning", "/x/utils/sd/step.py", 3),
+               record("called a synchronizing CUDA operation", "/x/utils/sd/step.py", 55),
+               record("called a synchronizing CUDA operation", "/x/utils/sd/step.py", 55)]
     assert sync_sites(records) == {"step.py:55": 2, "trainer.py:751": 1}
     assert list(sync_sites(records)) == ["step.py:55", "trainer.py:751"]
     assert sync_sites([]) == {}

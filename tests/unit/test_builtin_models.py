@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.builtin_models import BUILTINS, builtin_folder, colour_vae
+from utils.sd.builtin_models import BUILTINS, builtin_folder, colour_vae
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART_DATA = ROOT / "examples" / "quickstart_data"

@@ -3,7 +3,7 @@ from collections import Counter
 
 import torch
 
-from utils.compile_shapes import CompiledShapes, choose_shapes, eager_unless, is_compile_error, shape_of_plan
+from utils.run.compile_shapes import CompiledShapes, choose_shapes, eager_unless, is_compile_error, shape_of_plan
 
 
 def test_all_shapes_compiled_when_within_the_limit():

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.config import TrainConfig, config_markdown, load_config
-from utils.config_schema import ConfigError
+from utils.run.config import TrainConfig, config_markdown, load_config
+from utils.core.config_schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,7 +119,7 @@ def test_disable_amp_means_fp32():
 def test_config_doc_is_current():
     expected = config_markdown()
     actual = (ROOT / "doc" / "CONFIG.md").read_text(encoding="utf-8")
-    assert actual == expected, "doc/CONFIG.md is stale: run `python -m utils.config > doc/CONFIG.md`"
+    assert actual == expected, "doc/CONFIG.md is stale: run `python -m utils.run.config > doc/CONFIG.md`"
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in
@@ -130,7 +130,7 @@ def test_shipped_train_configs_parse(path):
 
 
 def test_live_settings_reload_changes_only_live_keys(tmp_path):
-    from utils.config import reload_live_settings
+    from utils.run.config import reload_live_settings
     p = write(tmp_path, {"resume_ckpt": "m", "save_every_n_epochs": 5, "batch_size": 3})
     cfg, _ = load_config(["--config", p])
     write(tmp_path, {"resume_ckpt": "m", "save_every_n_epochs": 2, "batch_size": 9, "clip_skip": 2})
@@ -146,7 +146,7 @@ def test_live_settings_reload_changes_only_live_keys(tmp_path):
 def test_shipped_configs_pass_the_trainers_checks(name, monkeypatch):
     """The memory and speed presets combine options with conditions (fused_backward_pass with optimizer.json's
     optimizer, grad_accum and clip_grad_norm): the trainer's own checks, which run before any model loads, pass."""
-    from utils.trainer import Trainer
+    from utils.run.trainer import Trainer
     monkeypatch.chdir(ROOT)   # optimizer_config is relative to where train.py runs
     cfg, _ = load_config(["--config", name])
     if name == "examples/train_24gb_fast.json":   # its optimizer file turns on the Triton kernel: CUDA only

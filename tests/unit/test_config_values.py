@@ -10,9 +10,9 @@ import pytest
 import train
 from optimizer.config import (FreezeSettings, PartSettings, _OptimizerFile, load_optimizer_config,
                               optimizer_config_to_json)
-from utils.config import EVERYDREAM2_KEYS, TrainConfig, load_config
-from utils.config_schema import ConfigError, accepts_null, check_value, field_default, read_json, schema_fields
-from utils.validation import ValidationConfig, load_validation_config
+from utils.run.config import EVERYDREAM2_KEYS, TrainConfig, load_config
+from utils.core.config_schema import ConfigError, accepts_null, check_value, field_default, read_json, schema_fields
+from utils.eval.validation import ValidationConfig, load_validation_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EVERYDREAM2_TRAIN_JSON = ROOT / "tests" / "assets" / "everydream2_train.json"
@@ -95,7 +95,7 @@ def test_print_config_shows_the_value_a_null_takes(tmp_path, capsys):
 
 
 def test_live_settings_reload_reads_null_as_the_default(tmp_path):
-    from utils.config import reload_live_settings
+    from utils.run.config import reload_live_settings
     p = write(tmp_path, {"resume_ckpt": "m", "log_step": 5})
     cfg, _ = load_config(["--config", p])
     write(tmp_path, {"resume_ckpt": "m", "log_step": None})

@@ -1,4 +1,4 @@
-"""utils/convert_ldm.py: diffusers <-> LDM single-file conversion, all offline.
+"""utils/sd/convert_ldm.py: diffusers <-> LDM single-file conversion, all offline.
 
 The tiny models have SD1.5's real block topology (4 levels, 2 layers per block, cross-attention in the first three
 down / last three up blocks) and its width ratios 1:2:4:4 (so the same blocks need skip convolutions) with tiny
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils import convert_ldm as C
-from utils.config_schema import ConfigError
+from utils.sd import convert_ldm as C
+from utils.core.config_schema import ConfigError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -46,7 +46,7 @@ def _write_tiny(folder: Path, unet_kw: dict, clip_kw: dict, sched_kw: dict) -> P
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from utils.builtin_models import write_tokenizer
+    from utils.sd.builtin_models import write_tokenizer
     torch.manual_seed(0)
     UNet2DConditionModel(**unet_kw).save_pretrained(folder / "unet")
     torch.manual_seed(1)
@@ -316,7 +316,7 @@ def test_v_prediction_and_zero_terminal_snr_markers(sd1v, reference, tmp_path):
 def test_shipped_yamls_give_the_release_configs(reference):
     import yaml
 
-    from utils.builtin_models import BUILTINS
+    from utils.sd.builtin_models import BUILTINS
     for name in ("v1-inference.yaml", "v1-inference-v.yaml", "v2-inference.yaml", "v2-inference-v.yaml"):
         yaml.safe_load((C.CONFIG_DIR / name).read_text())
     fake = {k: torch.empty(v, device="meta") for k, v in reference["sd15"].items()}
@@ -347,7 +347,7 @@ def test_export_refuses_wrong_suffix_and_non_diffusers_folder(sd1, tmp_path):
 def test_builtin_tiny_models_export_and_import_back(name, tiny_sd_folder, tmp_path):
     """The project's own built-in models (tiny-sd: 2 levels, 1 layer per block; the quickstart's: a 4-level VAE
     with written-down weights, v-prediction): what the trainer exports at each save."""
-    from utils.builtin_models import builtin_folder
+    from utils.sd.builtin_models import builtin_folder
     folder = tiny_sd_folder if name == "tiny-sd" else builtin_folder(name, tmp_path / "models")
     out = C.save_single_file(folder, tmp_path / f"{name}.safetensors", half=False)
     back = C.single_file_to_diffusers(out, tmp_path / "back", config_folder=folder)
@@ -634,7 +634,7 @@ def _full_size_folder(name: str, folder: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from utils.builtin_models import BUILTINS
+    from utils.sd.builtin_models import BUILTINS
     unet_kw, clip_kw, vae_kw, sched_kw, _ = BUILTINS[name]
     # Windows into one random pool at varying offsets: every tensor differs from every other (a swapped or
     # misplaced tensor fails the comparisons) at the cost of a copy, not of drawing a billion random numbers.

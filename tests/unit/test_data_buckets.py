@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from data.buckets import bucket_table, is_undersized, nearest_bucket, nearest_in_table, table_markdown
-from utils.config_schema import ConfigError
+from utils.core.config_schema import ConfigError
 
 ALL_RESOLUTIONS = list(range(64, 2048 + 1, 64))
 

@@ -8,7 +8,7 @@ from PIL import Image, ImageFile
 
 from data.discovery import scan_dataset
 from data.items import DataSettings
-from utils.config_schema import ConfigError
+from utils.core.config_schema import ConfigError
 
 S512 = DataSettings(resolution=[512])
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from utils.ema import EMA, ema_decay_from_target, ema_weights
+from utils.sd.ema import EMA, ema_decay_from_target, ema_weights
 
 
 def make_params(seed=0, shapes=((3, 4), (5,), (2, 2, 2))):

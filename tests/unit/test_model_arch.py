@@ -1,11 +1,11 @@
-"""utils/model_arch.py: models of other architectures are refused by their configs / key names, naming them."""
+"""utils/sd/model_arch.py: models of other architectures are refused by their configs / key names, naming them."""
 import json
 from pathlib import Path
 
 import pytest
 
-from utils.config_schema import ConfigError
-from utils.model_arch import check_diffusers_folder, check_single_file_keys
+from utils.core.config_schema import ConfigError
+from utils.sd.model_arch import check_diffusers_folder, check_single_file_keys
 
 
 def _folder(root: Path, index: dict | None, unet: dict, extra_dirs=()) -> Path:

@@ -10,7 +10,7 @@ from optimizer.build import (GRAD_SCALER_TWEAKS, build_optimizer_parts, current_
 from optimizer.config import (OPTIMIZERS, FreezeSettings, OptimizerConfig, PartSettings, load_optimizer_config,
                               with_defaults)
 from optimizer.freezing import apply_text_encoder_freezing, freeze_plan
-from utils.config_schema import ConfigError
+from utils.core.config_schema import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 from optimizer.config import (OPTIMIZERS, LR_SCHEDULERS, SECTIONS, FreezeSettings, keys_markdown,
                               load_optimizer_config, optimizer_config_to_json)
-from utils.config_schema import ConfigError
+from utils.core.config_schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,7 @@ import torch
 from optimizer.config import PartSettings, with_defaults
 from optimizer.build import make_scheduler, resolve_for_run, scale_lr_factor
 from optimizer.schedules import lr_multiplier, resolve_schedule_steps
-from utils.config_schema import ConfigError
+from utils.core.config_schema import ConfigError
 
 
 def mult(step, schedule, warmup=0, decay=100, **kw):

@@ -1,6 +1,6 @@
 import torch
 
-from utils.text_conditioning import PromptCache
+from utils.sd.text_conditioning import PromptCache
 
 
 def fake_encoder(calls):

@@ -1,6 +1,6 @@
 import torch
 
-from utils.run_logging import read_later
+from utils.core.run_logging import read_later
 
 
 def test_read_later_gives_the_values_by_name_in_order():

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.config_schema import ConfigError
-from utils.sampling import (DEFAULT_CFGS, SampleConfigSource, SampleRequest, build_pipeline, generate,
+from utils.core.config_schema import ConfigError
+from utils.eval.sampling import (DEFAULT_CFGS, SampleConfigSource, SampleRequest, build_pipeline, generate,
                             load_sample_config, make_grid, make_sampling_scheduler, parse_scheduler_name,
                             plan_samples, sample_stem, sample_tag, scheduler_names, size_for_aspect, write_sample)
 

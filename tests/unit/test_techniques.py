@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.losses import (loss_per_sample, mask_to_latent_weight, timestep_weights, training_target,
+from utils.sd.losses import (loss_per_sample, mask_to_latent_weight, timestep_weights, training_target,
                           use_mask_this_step)
-from utils.noise import (make_noise_scheduler, sample_noise, sample_timesteps, sampling_settings,
+from utils.sd.noise import (make_noise_scheduler, sample_noise, sample_timesteps, sampling_settings,
                          scheduler_supports_zero_terminal_snr)
-from utils.text_conditioning import encode_prompts, final_layer_norm, perturb_embeddings
+from utils.sd.text_conditioning import encode_prompts, final_layer_norm, perturb_embeddings
 
 # Stable Diffusion 1.x/2.x schedule, as a model folder's scheduler_config.json holds it (here a PNDM config).
 SD_SCHEDULER_CONFIG = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_schedule": "scaled_linear",
@@ -398,7 +398,7 @@ def test_embedding_perturbation_std():
 def test_final_layer_norm_is_found_through_a_ddp_wrapper(tiny_sd_folder):
     """Several processes wrap the text encoder in DistributedDataParallel, which exposes it as .module."""
     from transformers import CLIPTextModel
-    from utils.text_conditioning import final_layer_norm
+    from utils.sd.text_conditioning import final_layer_norm
     te = CLIPTextModel.from_pretrained(tiny_sd_folder / "text_encoder")
 
     class Wrapper(torch.nn.Module):  # what DDP looks like from outside: the model under .module

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from data.items import ImageItem
-from utils.config_schema import ConfigError
-from utils.validation import (STABILIZE_TAG, ValidationConfig, ValidationHistory, evaluate_loss,
+from utils.core.config_schema import ConfigError
+from utils.eval.validation import (STABILIZE_TAG, ValidationConfig, ValidationHistory, evaluate_loss,
                               load_validation_config, split_for_validation, validation_due,
                               validation_loss_settings, validation_sets)
 
@@ -185,8 +185,8 @@ def test_evaluate_loss_is_a_per_image_mean_with_fixed_generators():
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_sd_folder):
-    from utils.models import load_sd_model
-    from utils.noise import make_noise_scheduler
+    from utils.sd.models import load_sd_model
+    from utils.sd.noise import make_noise_scheduler
     sd = load_sd_model(tiny_sd_folder)
     for m in (sd.unet, sd.text_encoder, sd.vae):
         m.eval()
@@ -195,8 +195,8 @@ def tiny_model(tiny_sd_folder):
 
 def make_loss_fn(sd, noise_scheduler):
     """What the trainer's _val_loss does (see doc/LOGGING.md and the report to the lead)."""
-    from utils.step import LossSettings, compute_loss
-    from utils.text_conditioning import encode_prompts
+    from utils.sd.step import LossSettings, compute_loss
+    from utils.sd.text_conditioning import encode_prompts
     settings = validation_loss_settings(LossSettings(loss_type="huber", min_snr_gamma=5.0,
                                                      zero_frequency_noise_ratio=0.1))
 
@@ -241,7 +241,7 @@ def test_evaluate_loss_is_identical_on_unchanged_weights(tiny_model, tmp_path):
 
 
 def test_validation_loss_is_plain_mse_with_the_training_noise():
-    from utils.step import LossSettings
+    from utils.sd.step import LossSettings
     s = validation_loss_settings(LossSettings(loss_type="huber", min_snr_gamma=5.0, debiased_estimation=True,
                                               zero_frequency_noise_ratio=0.1, pyramid_noise_discount=0.3,
                                               timestep_start=100))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 try:
-    from utils.noise import sampling_settings
-except ImportError:  # utils/convert_ldm.py run as a file from inside utils/
+    from utils.sd.noise import sampling_settings
+except ImportError:  # utils/sd/convert_ldm.py run as a file from inside utils/
     from noise import sampling_settings  # type: ignore[no-redef]
 
 V_PRED, ZTSNR = "v_pred", "ztsnr"

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from utils.config_schema import ConfigError, check_fields, did_you_mean, doc, read_json
+from utils.core.config_schema import ConfigError, check_fields, did_you_mean, doc, read_json
 
 DEFAULT_CFGS = [7.0, 4.0, 1.01]   # EveryDream2's; 1.01 (not 1) so diffusers still runs the CFG branch
 MAX_RANDOM_CAPTIONS = 4           # an empty prompt file samples this many training captions
@@ -106,7 +106,7 @@ def parse_scheduler_name(name: str) -> tuple[str, bool]:
 def _resolve_scheduler(name: str, zero_terminal_snr: bool) -> tuple[type, dict]:
     """(diffusers class, from_config overrides) for a name; ConfigError for an unknown name or a scheduler that
     cannot sample a zero-terminal-SNR model."""
-    from utils.noise import sampling_settings
+    from utils.sd.noise import sampling_settings
     key, karras = parse_scheduler_name(name)
     spec = SCHEDULERS[key]
     cls = _scheduler_class(spec.class_name)
@@ -133,7 +133,7 @@ def check_scheduler(name: str, *, zero_terminal_snr: bool = False) -> None:
 
 def make_sampling_scheduler(name: str, scheduler_config: dict, *, zero_terminal_snr: bool):
     """A diffusers scheduler for sampling, built from the model's own scheduler config (betas, prediction type,
-    steps offset). With zero terminal SNR: rescaled betas and trailing timesteps (utils/noise.py
+    steps offset). With zero terminal SNR: rescaled betas and trailing timesteps (utils/sd/noise.py
     sampling_settings; the pipeline then needs guidance_rescale 0.7). ConfigError for an unknown name or a
     scheduler that cannot sample a zero-terminal-SNR model."""
     cls, overrides = _resolve_scheduler(name, zero_terminal_snr)
@@ -430,9 +430,9 @@ def build_pipeline(unet, text_encoder, vae, tokenizer, scheduler_config: dict, *
 
 
 def _encode(pipe, texts: list[str], device, clip_skip: int) -> torch.Tensor:
-    """Prompt embeddings exactly as training builds them (utils/text_conditioning.py, the trainer's clip_skip),
+    """Prompt embeddings exactly as training builds them (utils/sd/text_conditioning.py, the trainer's clip_skip),
     rather than through the pipeline's own clip_skip, which counts differently."""
-    from utils.text_conditioning import encode_prompts
+    from utils.sd.text_conditioning import encode_prompts
     tok = pipe.tokenizer
     ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids.to(device)

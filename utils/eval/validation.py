@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Literal
 
 import torch
 
-from utils.config_schema import ConfigError, check_fields, doc, read_json
+from utils.core.config_schema import ConfigError, check_fields, doc, read_json
 
 VAL_TAG = "loss/val"
 STABILIZE_TAG = "loss/stabilize-train"

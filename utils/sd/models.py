@@ -2,7 +2,7 @@
 
 Every source ends as a local diffusers folder before anything is loaded, so there is one loading path:
 a local folder as is, a hub id through huggingface_hub's snapshot download (only when the user names one),
-a single LDM file converted offline, and the built-in models written by utils/builtin_models.py.
+a single LDM file converted offline, and the built-in models written by utils/sd/builtin_models.py.
 SD1 vs SD2 and epsilon vs v-prediction are read from the folder's configs: data, not code paths.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from utils.builtin_models import BUILTIN_PREFIX, BUILTINS, builtin_folder
-from utils.config_schema import ConfigError
-from utils.model_arch import check_diffusers_folder
+from utils.sd.builtin_models import BUILTIN_PREFIX, BUILTINS, builtin_folder
+from utils.core.config_schema import ConfigError
+from utils.sd.model_arch import check_diffusers_folder
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -53,7 +53,7 @@ def resolve_model_folder(source: str, cache_root: Path, prediction_type: str | N
         return builtin_folder(name, cache_root / "builtin")
     path = Path(source).expanduser()
     if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        from utils.convert_ldm import single_file_to_diffusers
+        from utils.sd.convert_ldm import single_file_to_diffusers
         stat = path.stat()
         key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{prediction_type}".encode())
         out = cache_root / "converted" / f"{path.stem}-{key.hexdigest()[:10]}"

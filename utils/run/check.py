@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utils.config import TrainConfig
-from utils.run_logging import get_logger
+from utils.run.config import TrainConfig
+from utils.core.run_logging import get_logger
 
 
 def check_data(cfg: TrainConfig) -> int:
@@ -16,12 +16,12 @@ def check_data(cfg: TrainConfig) -> int:
     # every image decoded in full, as the run's scan does: the same verdict, before any training
     scan = scan_dataset(cfg.data_root, settings, progress=True, check_usable=False)
     # the prompt and validation files fail here as they would at training start
-    from utils.sampling import SampleConfigSource
-    from utils.validation import load_validation_config
+    from utils.eval.sampling import SampleConfigSource
+    from utils.eval.validation import load_validation_config
     SampleConfigSource(cfg.sample_prompts, default_seed=cfg.seed, default_size=(resolutions[0], resolutions[0]),
                        default_steps=cfg.sample_num_steps, zero_terminal_snr=cfg.enable_zero_terminal_snr)
     load_validation_config(cfg.validation_config)
-    from utils.file_writes import create_folder
+    from utils.core.file_writes import create_folder
     out = create_folder(Path(cfg.logdir) / f"{cfg.project_name}-check", "logdir")
     write_dataset_report(scan, out / "dataset.jsonl")
     log.info(summarize(scan))

@@ -218,7 +218,7 @@ def builtin_folder(name: str, cache_root: Path) -> Path:
             import shutil
             shutil.rmtree(tmp)
         write_builtin(name, tmp)
-        from utils.file_writes import match_umask
+        from utils.core.file_writes import match_umask
         match_umask(tmp)  # save_pretrained's safetensors files are created 0600
         tmp.rename(folder)
     return folder

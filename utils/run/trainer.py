@@ -30,25 +30,25 @@ from optimizer import triton8bit
 from optimizer.build import (build_optimizer_parts, current_lr, describe, eval_weights, fused_backward_problems,
                              grad_scaler_tweak, set_train_mode)
 from optimizer.config import load_optimizer_config, optimizer_config_to_json
-from utils.compile_shapes import (CompiledShapes, choose_shapes, describe_shape, eager_unless, first_line,
+from utils.run.compile_shapes import (CompiledShapes, choose_shapes, describe_shape, eager_unless, first_line,
                                   is_compile_error, shape_of_batch, shape_of_plan)
-from utils.checkpoint import (STATE_FILE, TrainState, capture_rng, checkpoint_name, find_last, list_checkpoints,
+from utils.run.checkpoint import (STATE_FILE, TrainState, capture_rng, checkpoint_name, find_last, list_checkpoints,
                               load_trainer_state, prune_checkpoints, restore_rng, save_checkpoint_folder,
                               save_trainer_state, write_json_atomic)
-from utils.config import TrainConfig, config_to_dict, reload_live_settings
-from utils.config_schema import ConfigError
-from utils.convert_ldm import save_single_file
-from utils.ema import EMA, ema_decay_from_target, ema_weights
-from utils.file_writes import create_folder
-from utils.losses import mask_to_latent_weight, use_mask_this_step
-from utils.models import load_sd_model, resolve_model_folder
-from utils.noise import make_noise_scheduler, sampling_settings
-from utils.run_logging import MetricsSink, add_log_file, get_logger, quiet_libraries, read_later
-from utils.sampling import (SampleConfigSource, build_pipeline, generate, make_grid, plan_samples, sample_stem,
+from utils.run.config import TrainConfig, config_to_dict, reload_live_settings
+from utils.core.config_schema import ConfigError
+from utils.sd.convert_ldm import save_single_file
+from utils.sd.ema import EMA, ema_decay_from_target, ema_weights
+from utils.core.file_writes import create_folder
+from utils.sd.losses import mask_to_latent_weight, use_mask_this_step
+from utils.sd.models import load_sd_model, resolve_model_folder
+from utils.sd.noise import make_noise_scheduler, sampling_settings
+from utils.core.run_logging import MetricsSink, add_log_file, get_logger, quiet_libraries, read_later
+from utils.eval.sampling import (SampleConfigSource, build_pipeline, generate, make_grid, plan_samples, sample_stem,
                             sample_tag, write_sample)
-from utils.step import LossSettings, batch_seed, compute_loss
-from utils.text_conditioning import PromptCache, encode_prompts, perturb_embeddings
-from utils.validation import (ValidationHistory, describe_split, evaluate_loss, load_validation_config,
+from utils.sd.step import LossSettings, batch_seed, compute_loss
+from utils.sd.text_conditioning import PromptCache, encode_prompts, perturb_embeddings
+from utils.eval.validation import (ValidationHistory, describe_split, evaluate_loss, load_validation_config,
                               split_for_validation, validation_due, validation_loss_settings, validation_sets)
 
 log = get_logger()
@@ -61,7 +61,7 @@ OOM_ADVICE = ("error: CUDA out of memory. Lower, in this order: batch_size (now 
 NONFINITE_STEP_LIMIT = 20  # skipped steps in a row before training stops: fp16 calibration skips only a few
 
 
-# The profiler ranges of a step (utils.benchmark --profile attributes the GPU's idle time to them); what falls
+# The profiler ranges of a step (utils.perf.benchmark --profile attributes the GPU's idle time to them); what falls
 # outside them is the loop itself.
 PHASE_DATA, PHASE_FORWARD, PHASE_BACKWARD = "step: data", "step: forward", "step: backward"
 PHASE_OPTIMIZER, PHASE_AFTER = "step: optimizer", "step: logging, samples, saves"
@@ -242,7 +242,7 @@ class Trainer:
             # host); dynamo's guards check them already. The layout optimization: see compile_layout_optimization.
             self.torch_settings.enter_context(inductor.patch(
                 size_asserts=False, force_layout_optimization=cfg.compile_layout_optimization))
-            # One graph per batch shape (utils/compile_shapes.py): each shape is a recompile of the same frames.
+            # One graph per batch shape (utils/run/compile_shapes.py): each shape is a recompile of the same frames.
             self.torch_settings.enter_context(torch._dynamo.config.patch(
                 cache_size_limit=max(torch._dynamo.config.cache_size_limit, cfg.compile_max_shapes + 8)))
             if hasattr(torch._functorch.config, "force_non_lazy_backward_lowering"):
@@ -729,7 +729,7 @@ class Trainer:
             return encode_prompts(self.text_encoder, ids, clip_skip=self.cfg.clip_skip)
 
     def _micro_step(self, batch: dict, group_size: float, sync_grads: bool, weight: float = 1.0) -> torch.Tensor:
-        """The forward and backward pass of one micro-batch, compiled when its shape is (utils/compile_shapes.py):
+        """The forward and backward pass of one micro-batch, compiled when its shape is (utils/run/compile_shapes.py):
         the first step of a compiled shape is timed, and one whose compile fails runs again uncompiled."""
         shapes = self.compiled_shapes
         shape = shape_of_batch(batch)
@@ -1138,7 +1138,7 @@ class Trainer:
         """torch.compile wraps only the step's modules: sampling and saving use the plain ones (sd.unet), so a
         sample at another size or batch compiles nothing (compile_blocks: the blocks inside sd.unet, compiled only
         while gradients are on). Static shapes: each batch shape the plan allows gets its own graph
-        (utils/compile_shapes.py)."""
+        (utils/run/compile_shapes.py)."""
         mode = None if self.cfg.compile_mode == "default" else self.cfg.compile_mode
         counts = Counter(shape_of_plan(plan) for epoch in range(min(self.cfg.max_epochs, 3))
                          for plan in epoch_batches(self.scan.items, batch_size=self.cfg.batch_size, seed=self.cfg.seed,

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 try:
-    from utils.config_schema import ConfigError
-except ImportError:  # utils/convert_ldm.py run as a file from inside utils/
+    from utils.core.config_schema import ConfigError
+except ImportError:  # utils/sd/convert_ldm.py run as a file from inside utils/
     from config_schema import ConfigError  # type: ignore[no-redef]
 
 

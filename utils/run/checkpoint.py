@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from utils.config_schema import ConfigError
-from utils.file_writes import match_umask
+from utils.core.config_schema import ConfigError
+from utils.core.file_writes import match_umask
 
 STATE_FILE = "trainer_state.pt"
 TMP_SUFFIX = ".tmp"

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 try:
-    from utils.config_schema import ConfigError
-except ImportError:  # utils/convert_ldm.py run as a file from inside utils/
+    from utils.core.config_schema import ConfigError
+except ImportError:  # utils/sd/convert_ldm.py run as a file from inside utils/
     from config_schema import ConfigError  # type: ignore[no-redef]
 
 SUPPORTED = "this trainer supports SD1.x and SD2.x"

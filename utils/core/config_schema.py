@@ -1,6 +1,6 @@
 """A strict loader for dataclass schemas: unknown keys, wrong types and bad values are errors.
 
-Used for train.json (utils/config.py) and optimizer.json (optimizer/config.py). A field is declared with
+Used for train.json (utils/run/config.py) and optimizer.json (optimizer/config.py). A field is declared with
 `doc(default, help, ...)`; the help text feeds `--help` and the generated doc/CONFIG.md.
 
 null: EveryDream2's shipped train.json writes null for "not set" (e.g. "ema_device": null), so a null for a key

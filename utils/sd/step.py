@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from utils.losses import loss_per_sample, training_target, timestep_weights
-from utils.noise import sample_noise, sample_timesteps
+from utils.sd.losses import loss_per_sample, training_target, timestep_weights
+from utils.sd.noise import sample_noise, sample_timesteps
 
 
 def batch_seed(seed: int, epoch: int, position: int) -> int:

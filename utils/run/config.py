@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from utils.config_schema import (ConfigError, accepts_null, check_fields, describe_type, did_you_mean, doc,
+from utils.core.config_schema import (ConfigError, accepts_null, check_fields, describe_type, did_you_mean, doc,
                                  field_default, null_meaning, read_json, schema_fields, to_jsonable)
 
 CONFIG_VERSION = 1
@@ -388,7 +388,7 @@ def help_text() -> str:
 def config_markdown() -> str:
     """doc/CONFIG.md, generated from the schema (tests fail when the file is stale)."""
     lines = ["# Configuration reference", "",
-             "Generated from `utils/config.py` by `python -m utils.config > doc/CONFIG.md`; do not edit by hand.",
+             "Generated from `utils/run/config.py` by `python -m utils.run.config > doc/CONFIG.md`; do not edit by hand.",
              "", "Every key can be set in `train.json` or on the command line as `--key value` (the command line "
              "wins). Values on the command line are read as JSON where they parse, else as text (`inf` and `nan` "
              "as numbers).", "",
