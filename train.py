@@ -25,15 +25,17 @@ def main(argv: list[str] | None = None) -> int:
         import json
         print(json.dumps(config_to_dict(cfg), indent=2))
         return 0
-    from utils.run.trainer import Trainer
-    trainer = None
+    from utils.run.loop import cleanup, train
+    from utils.run.preflight import preflight
+    from utils.run.setup import setup
+    run = None
     try:
         if flags.get("check"):
             from utils.run.check import check_data
             return check_data(cfg)
-        trainer = Trainer(cfg, config_path=flags.get("config"))
-        trainer.setup()
-        return trainer.train()
+        run = preflight(cfg, config_path=flags.get("config"))   # the config against this machine; loads nothing
+        setup(run)                                               # data, model, optimizers: utils/run/setup.py
+        return train(run)                                        # the loop: utils/run/loop.py
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -45,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
               f"checkpoint (--resume_ckpt findlast)", file=sys.stderr)
         return 2
     finally:
-        if trainer is not None:
-            trainer.cleanup()
+        if run is not None:
+            cleanup(run)
 
 
 if __name__ == "__main__":

@@ -134,9 +134,8 @@ class _OptimizerFile:
                                         "only with the setting it was saved with.")
     triton_8bit_step: bool = doc(False, "adamw8bit with grouped_8bit_step, on CUDA: our Triton kernel for the 8-bit "
                                         "update (reads gradients and writes weights in place, all tensors in one "
-                                        "launch; the same state format, not bit-identical): the optimizer step "
-                                        "27.7 -> 7.8 ms for SD1.5 on an H200 (doc/OPTIMIZER.md). lion8bit keeps "
-                                        "bitsandbytes' kernel.")
+                                        "launch; the same state format, not bit-identical; faster, doc/OPTIMIZER.md "
+                                        "has the measurement). lion8bit keeps bitsandbytes' kernel.")
     # last: from here on the class body's `doc` is this field, not the helper
     doc: Any = doc(None, "Free text (string, list or object), ignored; optional.", null="ignored")
 

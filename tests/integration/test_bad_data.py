@@ -118,11 +118,11 @@ def test_run_skips_a_truncated_image_before_planning_epochs(tiny_sd_folder, data
 @pytest.mark.parametrize("check", [False, True])
 def test_every_image_broken_stops_before_a_model_loads(tiny_sd_folder, dataset, tmp_path, console, monkeypatch,
                                                        check):
-    import utils.run.trainer as trainer_module
+    import utils.run.setup as setup_module
 
     def no_model(*_args, **_kwargs):
         raise AssertionError("a model was loaded")
-    monkeypatch.setattr(trainer_module, "load_sd_model", no_model)
+    monkeypatch.setattr(setup_module, "load_sd_model", no_model)
     for path in dataset.iterdir():
         if path.suffix in (".jpg", ".png"):
             truncate(path)

@@ -10,7 +10,7 @@ def test_benchmark_profile_reports_time_by_category(tmp_path, capsys):
     profile = result["profile"]
     assert profile and all(isinstance(v, float) and v >= 0 for v in profile.values())
     assert list(profile.values()) == sorted(profile.values(), reverse=True)
-    from utils.run.trainer import PHASES   # the trainer's profiler ranges reach the report (GPU idle needs CUDA)
+    from utils.run.train_step import PHASES   # the trainer's profiler ranges reach the report (GPU idle needs CUDA)
     assert set(result["profile_host_ms"]) == set(PHASES) and all(v > 0 for v in result["profile_host_ms"].values())
     assert "profile_idle" not in result
     lines = capsys.readouterr().out.strip().splitlines()

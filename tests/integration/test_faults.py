@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import utils.run.trainer as trainer_module
+import utils.run.saving as saving_module
+import utils.run.train_step as step_module
 from tests.integration.conftest import base_args, only_run, run_train
 from utils.run.checkpoint import TMP_SUFFIX, find_last, load_trainer_state
 
@@ -65,15 +66,15 @@ def test_kill_during_save_leaves_earlier_checkpoints_and_findlast_skips_the_part
     runner.write_text(f"""
 import sys, time, pathlib
 sys.path.insert(0, {str(ROOT)!r})
-import utils.run.trainer as T
-original, calls = T.save_trainer_state, []
+import utils.run.saving as S
+original, calls = S.save_trainer_state, []
 def slow_second_save(folder, state):
     calls.append(folder)
     original(folder, state)
     if len(calls) == 2:               # the second save: stop here, half written, until killed
         pathlib.Path({str(marker)!r}).write_text(str(folder))
         time.sleep(600)
-T.save_trainer_state = slow_second_save
+S.save_trainer_state = slow_second_save
 import train
 sys.exit(train.main(sys.argv[1:]))
 """)
@@ -97,7 +98,7 @@ sys.exit(train.main(sys.argv[1:]))
 
 def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(tiny_sd_folder, dataset, tmp_path, monkeypatch,
                                                                  capsys):
-    original, calls = trainer_module.save_trainer_state, []
+    original, calls = saving_module.save_trainer_state, []
 
     def full_on_second(folder, state):
         calls.append(folder)
@@ -105,7 +106,7 @@ def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(tiny_sd_folder
             raise OSError(errno.ENOSPC, "No space left on device")
         original(folder, state)
 
-    monkeypatch.setattr(trainer_module, "save_trainer_state", full_on_second)
+    monkeypatch.setattr(saving_module, "save_trainer_state", full_on_second)
     logdir = tmp_path / "logs"
     rc = run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=3, save_every_n_epochs=1, no_save_ckpt=True))
     assert rc == 2
@@ -116,7 +117,7 @@ def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(tiny_sd_folder
 
 
 def nan_on(steps: set[int]):
-    original = trainer_module.compute_loss
+    original = step_module.compute_loss
     calls = []
 
     def patched(*args, **kwargs):
@@ -129,7 +130,7 @@ def nan_on(steps: set[int]):
 
 
 def test_a_nan_step_is_skipped_and_training_goes_on(tiny_sd_folder, dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_module, "compute_loss", nan_on({2}))
+    monkeypatch.setattr(step_module, "compute_loss", nan_on({2}))
     logdir = tmp_path / "logs"
     assert run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=1)) == 0
     ckpt = find_last(logdir)
@@ -142,7 +143,7 @@ def test_a_nan_step_is_skipped_and_training_goes_on(tiny_sd_folder, dataset, tmp
 
 def test_a_run_of_nan_steps_stops_training_without_a_new_checkpoint(tiny_sd_folder, dataset, tmp_path, monkeypatch,
                                                                    recwarn):
-    monkeypatch.setattr(trainer_module, "compute_loss", nan_on(set(range(1, 1000))))
+    monkeypatch.setattr(step_module, "compute_loss", nan_on(set(range(1, 1000))))
     logdir = tmp_path / "logs"
     assert run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=6)) == 1
     # the skipped steps advance the LR schedule on purpose: torch's warning about it would only mislead
@@ -157,7 +158,7 @@ def test_full_disk_in_the_single_file_export_is_a_clear_error(tiny_sd_folder, da
     def no_space(folder, out_path, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(out_path))
 
-    monkeypatch.setattr(trainer_module, "save_single_file", no_space)
+    monkeypatch.setattr(saving_module, "save_single_file", no_space)
     logdir = tmp_path / "logs"
     assert run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=1)) == 2
     err = capsys.readouterr().err
@@ -236,7 +237,7 @@ def test_a_second_signal_during_the_interrupted_save_ends_in_one_line(tiny_sd_fo
     checkpoint that is intact (it printed a KeyboardInterrupt traceback). Writes are atomic: nothing partial stays."""
     first_signal_at = 6 if earlier else 2          # micro-steps; an epoch is 4 (8 images, batch 2)
     losses, saves = [], []
-    original_loss, original_save = trainer_module.compute_loss, trainer_module.save_trainer_state
+    original_loss, original_save = step_module.compute_loss, saving_module.save_trainer_state
 
     def loss_then_ctrl_c(*args, **kwargs):
         losses.append(1)
@@ -250,8 +251,8 @@ def test_a_second_signal_during_the_interrupted_save_ends_in_one_line(tiny_sd_fo
             os.kill(os.getpid(), signal.SIGINT)
         original_save(folder, state)
 
-    monkeypatch.setattr(trainer_module, "compute_loss", loss_then_ctrl_c)
-    monkeypatch.setattr(trainer_module, "save_trainer_state", save_with_second_ctrl_c)
+    monkeypatch.setattr(step_module, "compute_loss", loss_then_ctrl_c)
+    monkeypatch.setattr(saving_module, "save_trainer_state", save_with_second_ctrl_c)
     logdir = tmp_path / "logs"
     try:
         rc = run_train(base_args(tiny_sd_folder, dataset, logdir, max_epochs=3, save_every_n_epochs=1))
@@ -281,19 +282,19 @@ def test_an_error_in_the_step_ends_the_run_and_its_loader_workers(tiny_sd_folder
     runner.write_text(f"""
 import os, pathlib, sys
 sys.path.insert(0, {str(ROOT)!r})
-import utils.run.trainer as T
-ignore_signals, micro_step, calls = T._workers_ignore_stop_signals, T.Trainer._micro_step, []
+import utils.run.loader as L, utils.run.loop as LP
+ignore_signals, micro_step, calls = L.workers_ignore_stop_signals, LP.micro_step, []
 def recording_worker_init(worker_id):
     with open({str(pids)!r}, "a") as f:
         f.write(f"{{os.getpid()}}\\n")
     ignore_signals(worker_id)
-def failing_step(self, *args, **kwargs):
+def failing_step(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:                 # the workers are running and prefetching by now
         pathlib.Path({str(raised)!r}).write_text("")
         raise RuntimeError("injected failure in the step")
-    return micro_step(self, *args, **kwargs)
-T._workers_ignore_stop_signals, T.Trainer._micro_step = recording_worker_init, failing_step
+    return micro_step(*args, **kwargs)
+L.workers_ignore_stop_signals, LP.micro_step = recording_worker_init, failing_step
 import train
 sys.exit(train.main(sys.argv[1:]))
 """)

@@ -97,7 +97,7 @@ def test_accumulation_divisor_makes_n_processes_one_process(n_batches):
     grad_accum G, process r's batch i is epoch position i * N + r (epoch_batches' split, padded to a multiple of N);
     DDP averages over the N processes. Each real position must land in the optimizer step and with the weight it
     has in one process with grad_accum N * G (padding: weight 0)."""
-    from utils.run.trainer import accumulation_group_size, steps_per_epoch
+    from utils.run.processes import accumulation_group_size, steps_per_epoch
     for n_proc in (1, 2, 3, 4):
         for accum in (1, 2, 3):
             local = math.ceil(n_batches / n_proc)

@@ -7,25 +7,29 @@ import pytest
 import torch
 
 from tests.integration.conftest import base_args, make_dataset, read_metrics
-from utils.run.trainer import Trainer
 from utils.eval.validation import validation_due
+from utils.run.run_state import Run
 
-def run(monkeypatch, argv: list[str], validation_config: str | None = None) -> Trainer:
-    """train.main's steps, keeping the Trainer to look at."""
+
+def run(monkeypatch, argv: list[str], validation_config: str | None = None) -> Run:
+    """train.main's steps, keeping the Run to look at."""
     from utils.run.config import load_config
+    from utils.run.loop import cleanup, train
+    from utils.run.preflight import preflight
+    from utils.run.setup import setup
     argv = argv + (["--validation_config", validation_config] if validation_config else [])
     cfg, _ = load_config(argv)
-    trainer = Trainer(cfg)
+    trainer = preflight(cfg)
     try:
-        trainer.setup()
-        assert trainer.train() == 0
+        setup(trainer)
+        assert train(trainer) == 0
     finally:
-        trainer.cleanup()
+        cleanup(trainer)
     return trainer
 
 
 def unet_weights(trainer) -> dict:
-    return {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.unet).state_dict().items()}
+    return {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.models.unet).state_dict().items()}
 
 
 @pytest.fixture()
@@ -52,8 +56,8 @@ def test_validation_tags_at_step_zero_and_on_schedule(tiny_sd_folder, data, tmp_
     assert len(trainer.scan.items) == 8 - 2                               # ceil(0.25 x 8) held out
     metrics = read_metrics(trainer.run_dir)
     val_steps = [m["step"] for m in metrics if "loss/val" in m]
-    spe = trainer.steps_per_epoch
-    expected = [s for s in range(trainer.total_steps + 1) if validation_due(s, spe, 0.5)]
+    spe = trainer.steps.per_epoch
+    expected = [s for s in range(trainer.steps.total_steps + 1) if validation_due(s, spe, 0.5)]
     assert val_steps == expected and len(val_steps) >= 4
     for m in metrics:
         if "loss/val" in m:
@@ -83,15 +87,15 @@ def test_samples_and_validation_do_not_change_the_trained_weights(tiny_sd_folder
     assert all(torch.equal(a[k], b[k]) for k in a)
     grids = sorted((busy.run_dir / "samples").glob("*.jpg"))
     # before training, every 2nd step and at the end: 2 prompts each
-    assert len(grids) == 2 * (1 + busy.total_steps // 2 + busy.total_steps % 2)
+    assert len(grids) == 2 * (1 + busy.steps.total_steps // 2 + busy.steps.total_steps % 2)
     from PIL import Image
     assert {Image.open(g).size for g in grids} == {(2 * 32, 32), (2 * 48, 32)}     # a column per CFG
     assert (grids[0].with_suffix(".txt")).exists()
 
 
 def test_sampling_out_of_memory_skips_the_samples_and_training_goes_on(tiny_sd_folder, data, tmp_path, monkeypatch):
-    import utils.run.trainer as trainer_module
-    real_generate, calls = trainer_module.generate, []
+    import utils.run.previews as previews_module
+    real_generate, calls = previews_module.generate, []
 
     def generate_once_out_of_memory(*args, **kwargs):
         calls.append(1)
@@ -99,11 +103,11 @@ def test_sampling_out_of_memory_skips_the_samples_and_training_goes_on(tiny_sd_f
             raise torch.OutOfMemoryError("CUDA out of memory (test)")
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "generate", generate_once_out_of_memory)
+    monkeypatch.setattr(previews_module, "generate", generate_once_out_of_memory)
     trainer = run(monkeypatch, base_args(tiny_sd_folder, data, tmp_path / "logs", max_epochs=1, log_step=100,
                                          sample_steps=2, sample_prompts=quick_prompts(tmp_path)))
     run_log = (trainer.run_dir / f"{trainer.run_dir.name}.log").read_text()
     assert "sampling at step 2 ran out of GPU memory and was skipped" in run_log
     assert not trainer.out_of_memory
     steps = {int(g.stem.split("-")[0].lstrip("gs")) for g in (trainer.run_dir / "samples").glob("*.jpg")}
-    assert 2 not in steps and trainer.total_steps in steps and len(calls) >= 2
+    assert 2 not in steps and trainer.steps.total_steps in steps and len(calls) >= 2

@@ -81,11 +81,11 @@ def test_compile_blocks_trains_like_eager_and_hands_over_gradients_block_by_bloc
     Samples (no grad) run the blocks uncompiled."""
     from diffusers import UNet2DConditionModel
     from optimizer import grouped8bit
-    from utils.run import trainer as trainer_module
+    from utils.run import torch_settings as compile_module
     from utils.sd.builtin_models import BUILTINS
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     calls_with_grad = []
-    original = trainer_module.compiled_when_grad_enabled
+    original = compile_module.compiled_when_grad_enabled
 
     def counting(forward, mode):
         run = original(forward, mode)
@@ -94,7 +94,7 @@ def test_compile_blocks_trains_like_eager_and_hands_over_gradients_block_by_bloc
             calls_with_grad.append(torch.is_grad_enabled())
             return run(*args, **kwargs)
         return wrapped
-    monkeypatch.setattr(trainer_module, "compiled_when_grad_enabled", counting)
+    monkeypatch.setattr(compile_module, "compiled_when_grad_enabled", counting)
     arrivals = []   # (optimizer's tensor count, tensor index) in the order the backward pass accumulates them
     real_ready = grouped8bit.Grouped8bit._gradient_ready
 
@@ -175,17 +175,20 @@ def test_compile_wraps_only_the_step_modules(tiny_sd_folder, dataset, tmp_path, 
     (with DDP) strip the DDP wrapper out of the compiled step module, as accelerate's unwrap_model would."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     from utils.run.config import load_config
-    from utils.run.trainer import Trainer
+    from utils.run.loop import cleanup
+    from utils.run.preflight import preflight
+    from utils.run.setup import setup
     cfg, _ = load_config(base_args(tiny_sd_folder, dataset, tmp_path / "logs", torch_compile=True))
-    trainer = Trainer(cfg)
+    run = preflight(cfg)
     try:
-        trainer.setup()
-        assert isinstance(trainer.unet, torch._dynamo.eval_frame.OptimizedModule)
-        assert isinstance(trainer.text_encoder, torch._dynamo.eval_frame.OptimizedModule)
-        assert not isinstance(trainer.sd.unet, torch._dynamo.eval_frame.OptimizedModule)
-        assert trainer.unet._orig_mod is trainer.sd.unet
+        setup(run)
+        models = run.models
+        assert isinstance(models.unet, torch._dynamo.eval_frame.OptimizedModule)
+        assert isinstance(models.text_encoder, torch._dynamo.eval_frame.OptimizedModule)
+        assert not isinstance(models.sd.unet, torch._dynamo.eval_frame.OptimizedModule)
+        assert models.unet._orig_mod is models.sd.unet
     finally:
-        trainer.cleanup()
+        cleanup(run)
 
 
 def test_sdp_backend_puts_its_kernel_first_for_the_run_only(tiny_sd_folder, dataset, tmp_path):
@@ -194,19 +197,21 @@ def test_sdp_backend_puts_its_kernel_first_for_the_run_only(tiny_sd_folder, data
     from torch.nn.attention import SDPBackend
 
     from utils.run.config import load_config
-    from utils.run.trainer import Trainer
+    from utils.run.loop import cleanup, train
+    from utils.run.preflight import preflight
+    from utils.run.setup import setup
     before = torch._C._get_sdp_priority_order()
     cfg, _ = load_config(base_args(tiny_sd_folder, dataset, tmp_path / "logs", sdp_backend="cudnn"))
-    trainer = Trainer(cfg)
+    run = preflight(cfg)
     try:
-        trainer.setup()
+        setup(run)
         order = torch._C._get_sdp_priority_order()
         assert order[0] == int(SDPBackend.CUDNN_ATTENTION) and sorted(order) == sorted(before)
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
-        assert "attention: sdp (cudnn first)" in next(trainer.run_dir.glob("*.log")).read_text()
-        assert trainer.train(final_outputs=False) == 0
+        assert "attention: sdp (cudnn first)" in next(run.run_dir.glob("*.log")).read_text()
+        assert train(run, final_outputs=False) == 0
     finally:
-        trainer.cleanup()
+        cleanup(run)
     assert torch._C._get_sdp_priority_order() == before
 
 

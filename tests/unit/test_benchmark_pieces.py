@@ -111,12 +111,12 @@ def test_sd15_training_flops_match_the_reference_count():
     ("aten::mul", "other"),
 ])
 def test_kernel_category(name, category):
-    from utils.perf.benchmark import kernel_category
+    from utils.perf.profile_report import kernel_category
     assert kernel_category(name) == category
 
 
 def test_summarize_profile_per_step_and_largest_first():
-    from utils.perf.benchmark import summarize_profile
+    from utils.perf.profile_report import summarize_profile
     rows = [("void pytorch_flash::flash_bwd_dq_dk_dv_loop_kernel<...>", 6000.0, 32),
             ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", 10000.0, 64),
             ("ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_stages_32x6_tn", 2000.0, 8),
@@ -138,7 +138,7 @@ def test_profile_rows_count_each_kernel_once():
 
     from torch.autograd import DeviceType
 
-    from utils.perf.benchmark import _profile_rows
+    from utils.perf.profile_report import profile_rows
 
     def event(key, device_type, us, annotation=False):
         return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=us, self_cpu_time_total=us,
@@ -148,12 +148,12 @@ def test_profile_rows_count_each_kernel_once():
               event("aten::add_", DeviceType.CPU, 9.0),
               event("idle", DeviceType.CUDA, 0.0)]
     prof = SimpleNamespace(key_averages=lambda: events)
-    assert _profile_rows(prof, cuda=True) == [("kOptimizerStatic8bit2StateBlockwise", 50.0, 2)]
-    assert _profile_rows(prof, cuda=False) == [("aten::add_", 9.0, 2)]
+    assert profile_rows(prof, cuda=True) == [("kOptimizerStatic8bit2StateBlockwise", 50.0, 2)]
+    assert profile_rows(prof, cuda=False) == [("aten::add_", 9.0, 2)]
 
 
 def test_idle_by_phase_charges_gpu_gaps_to_what_the_host_was_doing():
-    from utils.perf.benchmark import idle_by_phase
+    from utils.perf.profile_report import idle_by_phase
     kernels = [(10e3, 40e3), (35e3, 60e3), (90e3, 100e3), (100e3, 120e3)]   # overlapping and touching (us)
     phases = [("step: data", 0.0, 15e3), ("step: forward", 15e3, 70e3), ("step: optimizer", 80e3, 110e3)]
     out = idle_by_phase(kernels, phases, start=0.0, steps=2)
@@ -168,7 +168,7 @@ def test_idle_by_phase_charges_gpu_gaps_to_what_the_host_was_doing():
 def test_annotated_yields_everything_inside_profiler_ranges():
     import torch
 
-    from utils.run.trainer import annotated
+    from utils.run.loop import annotated
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         assert list(annotated(iter([1, 2, 3]), "step: data")) == [1, 2, 3]
     assert sum(e.name == "step: data" for e in prof.events()) == 4   # three items and the fetch that ended it

@@ -130,23 +130,41 @@ def test_shipped_train_configs_parse(path):
 
 
 def test_live_settings_reload_changes_only_live_keys(tmp_path):
-    from utils.run.config import reload_live_settings
+    from utils.run.config import live_settings, reload_live_settings, with_live_settings
     p = write(tmp_path, {"resume_ckpt": "m", "save_every_n_epochs": 5, "batch_size": 3})
     cfg, _ = load_config(["--config", p])
     write(tmp_path, {"resume_ckpt": "m", "save_every_n_epochs": 2, "batch_size": 9, "clip_skip": 2})
-    changes = reload_live_settings(p, cfg)
+    live, changes = reload_live_settings(p, live_settings(cfg))
     assert changes == {"save_every_n_epochs": (5, 2), "clip_skip": (0, 2)}
-    assert cfg.save_every_n_epochs == 2 and cfg.clip_skip == 2 and cfg.batch_size == 3  # batch_size is not live
+    assert live.save_every_n_epochs == 2 and live.clip_skip == 2
+    now = with_live_settings(cfg, live)
+    assert now.save_every_n_epochs == 2 and now.clip_skip == 2 and now.batch_size == 3  # batch_size is not live
+    assert cfg.save_every_n_epochs == 5 and cfg.clip_skip == 0  # the resolved config itself is never changed
     write(tmp_path, {"resume_ckpt": "m", "clip_skip": 9})
     with pytest.raises(ConfigError, match="clip_skip"):
-        reload_live_settings(p, cfg)
+        reload_live_settings(p, live)
+
+
+def test_config_versions_migrate_one_step_at_a_time(tmp_path):
+    """Migrations are keyed by config_version: an EveryDream2 file (no config_version) is version 0; each entry
+    brings its version to the next, and the chain ends at CONFIG_VERSION."""
+    from utils.run.config import CONFIG_VERSION, MIGRATIONS, migrate
+    assert sorted(MIGRATIONS) == list(range(CONFIG_VERSION))
+    warnings = []
+    assert migrate({"amp": True, "lr": 1e-6}, "f.json", warnings.append) == {"lr": 1e-6}
+    assert "'amp' is deprecated" in warnings[0]
+    assert migrate({"config_version": CONFIG_VERSION, "lr": 1}, "f.json", warnings.append) == {
+        "config_version": CONFIG_VERSION, "lr": 1}
+    p = write(tmp_path, {"resume_ckpt": "m", "config_version": CONFIG_VERSION + 1})
+    with pytest.raises(ConfigError, match="config_version"):
+        load_config(["--config", p])
 
 
 @pytest.mark.parametrize("name", ["train.json", "examples/train_24gb_fast.json", "examples/train_12gb.json"])
 def test_shipped_configs_pass_the_trainers_checks(name, monkeypatch):
     """The memory and speed presets combine options with conditions (fused_backward_pass with optimizer.json's
     optimizer, grad_accum and clip_grad_norm): the trainer's own checks, which run before any model loads, pass."""
-    from utils.run.trainer import Trainer
+    from utils.run.preflight import preflight as Trainer   # the trainer's checks before any model loads
     monkeypatch.chdir(ROOT)   # optimizer_config is relative to where train.py runs
     cfg, _ = load_config(["--config", name])
     if name == "examples/train_24gb_fast.json":   # its optimizer file turns on the Triton kernel: CUDA only
@@ -164,3 +182,14 @@ def test_fast_preset_optimizer_file_is_optimizer_json_with_the_triton_kernel():
     plain = optimizer_config_to_json(load_optimizer_config(str(ROOT / "optimizer.json")))
     assert not warnings and fast.pop("triton_8bit_step") and not plain.pop("triton_8bit_step")
     assert {k: v for k, v in fast.items() if k != "doc"} == {k: v for k, v in plain.items() if k != "doc"}
+
+
+def test_help_texts_quote_no_gpu_measurements():
+    """Measurements go stale with every torch and GPU; they belong in doc/PERFORMANCE.md, not in --help."""
+    import re
+    from optimizer.config import SECTIONS, keys_markdown
+    from utils.run.config import help_text
+    text = help_text() + "".join(keys_markdown(cls) for cls in SECTIONS.values())
+    found = re.findall(r"H100|H200|A100|RTX ?\d+|\d+(?:\.\d+)? ?ms\b|images/s|\d(?:\.\d+)?x (?:faster|slower)|"
+                       r"\d+ ?% (?:faster|slower)|GiB (?:less|more)", text)
+    assert not found, found

@@ -95,11 +95,11 @@ def test_print_config_shows_the_value_a_null_takes(tmp_path, capsys):
 
 
 def test_live_settings_reload_reads_null_as_the_default(tmp_path):
-    from utils.run.config import reload_live_settings
+    from utils.run.config import live_settings, reload_live_settings
     p = write(tmp_path, {"resume_ckpt": "m", "log_step": 5})
     cfg, _ = load_config(["--config", p])
     write(tmp_path, {"resume_ckpt": "m", "log_step": None})
-    assert reload_live_settings(p, cfg) == {"log_step": (5, 25)}
+    assert reload_live_settings(p, live_settings(cfg))[1] == {"log_step": (5, 25)}
 
 
 @pytest.mark.parametrize("sections_as", ["null", "objects of nulls"])

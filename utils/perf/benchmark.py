@@ -36,13 +36,15 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+from utils.perf.profile_report import (idle_by_phase, print_idle, print_profile, profile_rows, summarize_profile,
+                                       timeline)
 
 
 def write_synthetic_images(folder: Path, count: int, sizes: list[tuple[int, int]]) -> None:
@@ -105,7 +107,9 @@ def run(argv: list[str] | None = None) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_vram_gb * 2**30 / total))
 
     from utils.run.config import load_config
-    from utils.run.trainer import Trainer
+    from utils.run.loop import cleanup, train
+    from utils.run.preflight import preflight
+    from utils.run.setup import setup
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sdbench-"))
     n_images = args.images or args.batch_size * (args.steps + args.warmup)
@@ -125,13 +129,13 @@ def run(argv: list[str] | None = None) -> dict:
                 "--no_save_ckpt", "--ckpt_every_n_minutes", "100000", "--latent_cache_dir", str(work / "latents"),
                 *(["--num_workers", str(args.num_workers)] if args.num_workers is not None else []), *passthrough]
     cfg, _ = load_config(argv_cfg)
-    trainer = Trainer(cfg)
+    trainer = preflight(cfg)  # the Run: the same steps train.py takes
     cuda = torch.cuda.is_available()
     prof = {}  # --profile: the profiler ("p") and the log steps where it started and stopped
     sync_watch, sync_records = contextlib.ExitStack(), []  # CUDA: set_sync_debug_mode's warnings, timed steps
     try:
         t_setup = time.perf_counter()
-        trainer.setup()
+        setup(trainer)
         setup_s = time.perf_counter() - t_setup
         timings, memory, warmup_peak = {}, {}, {}
 
@@ -179,7 +183,7 @@ def run(argv: list[str] | None = None) -> dict:
                 gc_pauses.append((info["generation"], time.perf_counter() - gc_started.pop("t")))
 
         trainer.log_hook = on_log
-        code = trainer.train(final_outputs=False)
+        code = train(trainer, final_outputs=False)
     except torch.OutOfMemoryError:  # in setup; the loop catches its own and returns 1
         trainer.out_of_memory, code = True, 1
     finally:
@@ -187,7 +191,7 @@ def run(argv: list[str] | None = None) -> dict:
         if "start" in prof and "stop" not in prof:  # the run ended early
             prof["p"].stop()
             prof["stop"] = max(timings, default=prof["start"])
-        trainer.cleanup()
+        cleanup(trainer)
     if code != 0:
         result = {"arch": args.arch, "resolution": args.resolution, "batch_size": args.batch_size,
                   "oom": trainer.out_of_memory, "rc": code, "options": " ".join(passthrough)}
@@ -223,162 +227,19 @@ def run(argv: list[str] | None = None) -> dict:
         _write_loss_trace(trainer.run_dir / "metrics.jsonl", Path(args.loss_trace))
     if prof.get("stop", 0) > prof.get("start", 0):
         steps = prof["stop"] - prof["start"]
-        by_category, top = summarize_profile(_profile_rows(prof["p"], cuda), steps)
-        _print_profile(by_category, top, steps, "GPU" if cuda else "CPU")
+        by_category, top = summarize_profile(profile_rows(prof["p"], cuda), steps)
+        print_profile(by_category, top, steps, "GPU" if cuda else "CPU")
         result["profile"] = by_category
-        if timeline := _timeline(prof["p"]):
-            idle = idle_by_phase(*timeline, steps=steps)
+        if trace := timeline(prof["p"]):
+            idle = idle_by_phase(*trace, steps=steps)
             result["profile_host_ms"] = idle.pop("host_ms")
             if cuda:
                 result["profile_idle"] = idle
-            _print_idle(idle if cuda else None, result["profile_host_ms"])
+            print_idle(idle if cuda else None, result["profile_host_ms"])
     print(json.dumps(result), flush=True)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return result
-
-
-# --profile: kernel categories, checked in this order (the first match wins). Attention first: flash and cuDNN
-# attention kernels may contain "gemm" or "fprop"; the optimizer before "norm" (clip_grad_norm's LpNorm kernels
-# belong to the optimizer step); inductor's fused kernels (triton_*) before conv/norm/copy, since inductor names
-# them after every op fused in (triton_poi_fused_convolution_0 is the bias add after a conv); conv before gemm
-# (cuDNN's implicit-GEMM convolutions); "norm" but not "normal" (randn's kernel).
-KERNEL_CATEGORIES = [
-    ("attention", r"flash|fmha|mha|sdpa|attention|attn"),
-    ("optimizer", r"optimizer|bitsandbytes|adam|lion|lpnorm"),
-    ("triton", r"^triton_"),
-    ("conv", r"conv(?!er)|xmma_fprop|fprop_implicit|dgrad|wgrad|implicit_gemm"),
-    ("gemm", r"gemm|gemv|cutlass|cublas|matmul|nvjet|^aten::(mm|addmm|bmm|baddbmm|linear)$"),
-    ("norm", r"norm(?!al)|rowwisemoments|gammabeta|fusedparams|internalgradients|gradoutputcoef"),
-    ("copy/cast", r"copy|memcpy|memset|(?<!broad)cast|nchwtonhwc|nhwctonchw"),
-    ("elementwise", r"elementwise|vectorized|reduce"),
-]
-_KERNEL_PATTERNS = [(name, re.compile(pattern)) for name, pattern in KERNEL_CATEGORIES]
-
-
-def kernel_category(name: str) -> str:
-    """The category of a CUDA kernel (or, without CUDA, an op) by its name; "other" when nothing matches."""
-    lower = name.lower()
-    return next((cat for cat, pattern in _KERNEL_PATTERNS if pattern.search(lower)), "other")
-
-
-def summarize_profile(rows: list[tuple[str, float, int]], steps: int, top: int = 15) -> tuple[dict, list]:
-    """rows: (kernel name, self device time in us, calls) over `steps` steps. Returns ({category: ms per step},
-    largest first, rounded to 0.01) and the `top` kernels by time as (name[:90], ms per step, calls per step,
-    category)."""
-    totals: dict[str, float] = {}
-    for name, us, _ in rows:
-        totals[kernel_category(name)] = totals.get(kernel_category(name), 0.0) + us
-    by_category = {cat: round(us / steps / 1e3, 2) for cat, us in sorted(totals.items(), key=lambda kv: -kv[1])}
-    ranked = sorted(rows, key=lambda r: -r[1])[:top]
-    return by_category, [(name[:90], round(us / steps / 1e3, 3), round(calls / steps, 2), kernel_category(name))
-                         for name, us, calls in ranked]
-
-
-def _profile_rows(prof, cuda: bool) -> list[tuple[str, float, int]]:
-    """(name, self time in us, calls) of the kernels (device events with device self time) or, without CUDA, of
-    the CPU ops. A CPU op's own "self device time" is the time of the kernels it launched: leaving the CPU events
-    out counts each kernel once. So are user annotations (record_function ranges such as "Optimizer.step#...")
-    that the profiler also draws on the GPU timeline: their span covers kernels counted already."""
-    from torch.autograd import DeviceType
-
-    def first(event, *names):
-        return next((getattr(event, n) for n in names if hasattr(event, n)), 0)
-    rows = []
-    for e in prof.key_averages():
-        if getattr(e, "is_user_annotation", False):
-            continue
-        on_device = e.device_type != DeviceType.CPU
-        if cuda and on_device:
-            us = first(e, "self_device_time_total", "self_cuda_time_total")
-        elif not cuda and not on_device:
-            us = e.self_cpu_time_total
-        else:
-            continue
-        if us > 0:
-            rows.append((e.key, us, e.count))
-    return rows
-
-
-def idle_by_phase(kernels: list[tuple[float, float]], phases: list[tuple[str, float, float]], start: float,
-                  steps: int) -> dict:
-    """Where the GPU waits for the host. kernels: (start, end) of every GPU activity; phases: (name, start, end)
-    of the trainer's profiler ranges on the host (utils.run.trainer.PHASES, not nested); times in us on one clock,
-    from `start` (the profiler's) to the end of the last kernel (without kernels: of the last phase). Returns
-    ms per step: GPU busy, GPU idle, the idle time split by what the host was doing meanwhile ("loop": outside
-    every phase), and each phase's host time (a phase whose host time exceeds its GPU work leaves the GPU
-    waiting)."""
-    merged: list[list[float]] = []
-    for a, b in sorted(kernels):
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    end = merged[-1][1] if merged else max([start] + [b for _, _, b in phases])
-    gaps, cursor = [], start
-    for a, b in merged:
-        if a > cursor:
-            gaps.append((cursor, a))
-        cursor = max(cursor, b)
-    per_step = 1e3 * steps
-    idle = {}
-    for g0, g1 in gaps:
-        rest = g1 - g0
-        for name, a, b in phases:
-            overlap = min(b, g1) - max(a, g0)
-            if overlap > 0:
-                idle[name] = idle.get(name, 0.0) + overlap
-                rest -= overlap
-        idle["loop"] = idle.get("loop", 0.0) + max(rest, 0.0)
-    host = {}
-    for name, a, b in phases:
-        span = min(b, end) - max(a, start)
-        if span > 0:
-            host[name] = host.get(name, 0.0) + span
-    busy = sum(b - a for a, b in merged)
-    return {"window_ms": round((end - start) / per_step, 2), "gpu_busy_ms": round(busy / per_step, 2),
-            "gpu_idle_ms": round(sum(b - a for a, b in gaps) / per_step, 2),
-            "idle_while_ms": {k: round(v / per_step, 2) for k, v in sorted(idle.items(), key=lambda kv: -kv[1])},
-            "host_ms": {k: round(v / per_step, 2) for k, v in host.items()}}
-
-
-def _timeline(prof) -> tuple | None:
-    """(kernels, phases, start) for idle_by_phase from a finished profiler, or None without device events."""
-    from torch.autograd import DeviceType
-    from utils.run.trainer import PHASES
-    kernels, phases, start = [], [], None
-    for e in prof.events():
-        if e.device_type == DeviceType.CPU:
-            start = e.time_range.start if start is None else min(start, e.time_range.start)
-            if e.name in PHASES:
-                phases.append((e.name, e.time_range.start, e.time_range.end))
-        elif not getattr(e, "is_user_annotation", False):
-            kernels.append((e.time_range.start, e.time_range.end))
-    return (kernels, phases, start) if phases else None
-
-
-def _print_idle(idle: dict | None, host: dict) -> None:
-    if idle:
-        print(f"GPU per step: window {idle['window_ms']} ms, busy {idle['gpu_busy_ms']} ms, idle "
-              f"{idle['gpu_idle_ms']} ms")
-    print(f"  {'host phase':<32} {'host ms/step':>12} {'GPU idle meanwhile':>19}")
-    for name in dict.fromkeys([*host, *(idle or {}).get("idle_while_ms", {})]):
-        waiting = f"{idle['idle_while_ms'].get(name, 0.0):19.2f}" if idle else f"{'':>19}"
-        print(f"  {name:<32} {host.get(name, 0.0):12.2f} {waiting}")
-    sys.stdout.flush()
-
-
-def _print_profile(by_category: dict, top: list, steps: int, device: str) -> None:
-    total = sum(by_category.values()) or 1.0
-    print(f"profile: {device} self time per step by category, over {steps} steps")
-    for cat, ms in by_category.items():
-        print(f"  {cat:<12} {ms:10.2f} ms  {100 * ms / total:5.1f}%")
-    print(f"  {'total':<12} {sum(by_category.values()):10.2f} ms")
-    print(f"top {len(top)} kernels by {device} self time:")
-    print(f"  {'ms/step':>9} {'calls/step':>10}  {'category':<11} name")
-    for name, ms, calls, cat in top:
-        print(f"  {ms:9.3f} {calls:10.2f}  {cat:<11} {name}")
-    sys.stdout.flush()
 
 
 def sync_sites(records: list) -> dict[str, int]:
@@ -417,16 +278,16 @@ def _flop_figures(trainer, images_per_s: float, peak: float | None, work: Path) 
     """GFLOP per image (from the configs; the VAE encode counts unless latents are cached), TFLOP/s and MFU."""
     import torch
     from utils.perf.flops import peak_tflops, training_flops_per_image
-    sd, cfg = trainer.sd, trainer.cfg
+    sd, cfg, train_te = trainer.models.sd, trainer.cfg, trainer.models.train_te
     size = trainer.resolutions[0]  # the benchmark's square images train at the base resolution
     known = work / "flops.json"    # counting SD-sized models takes seconds: once per workdir and setting
     key = hashlib.sha1(json.dumps([dict(sd.unet.config), sd.text_encoder.config.to_dict(), size, cfg.cache_latents,
-                                   trainer.train_te], sort_keys=True, default=str).encode()).hexdigest()
+                                   train_te], sort_keys=True, default=str).encode()).hexdigest()
     table = json.loads(known.read_text()) if known.exists() else {}
     if key not in table:
         table[key] = training_flops_per_image(dict(sd.unet.config), sd.text_encoder.config,
                                               None if cfg.cache_latents else dict(sd.vae.config), width=size,
-                                              height=size, train_text_encoder=trainer.train_te)
+                                              height=size, train_text_encoder=train_te)
         known.write_text(json.dumps(table))
     flops = table[key]
     tflops = flops * images_per_s / 1e12
@@ -475,10 +336,10 @@ def _time_data_pipeline(data: Path, args) -> dict:
     from data.dataset import BatchDataset, DataSettings, epoch_batches, scan_dataset
     scan = scan_dataset(data, DataSettings(resolution=[args.resolution]))
     plans = epoch_batches(scan.items, batch_size=args.batch_size, seed=1, epoch=0, resolutions=[args.resolution])
-    workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
-    loader = torch.utils.data.DataLoader(BatchDataset(scan.items, plans, seed=1, epoch=0), batch_size=None,
-                                         num_workers=workers, prefetch_factor=4 if workers else None,
-                                         pin_memory=torch.cuda.is_available())
+    from utils.run.loader import default_workers, make_loader
+    workers = default_workers(args.num_workers)
+    loader = make_loader(BatchDataset(scan.items, plans, seed=1, epoch=0), num_workers=workers,
+                         pin_memory=torch.cuda.is_available())
     warm = min(len(plans) // 4, 4 * max(1, workers))
     images, t0 = 0, None
     for i, batch in enumerate(loader):

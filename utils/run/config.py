@@ -10,7 +10,6 @@ import json
 import random
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from utils.core.config_schema import (ConfigError, accepts_null, check_fields, describe_type, did_you_mean, doc,
@@ -109,11 +108,11 @@ class TrainConfig:
         "auto", "Autocast dtype. auto: bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU.")
     disable_amp: bool = doc(False, "EveryDream2's switch: train in full fp32 (same as mixed_precision 'no').")
     gradient_checkpointing: bool = doc(False, "Recompute activations in the backward pass: less memory, "
-                                              "about 25% slower.")
+                                              "more compute (doc/PERFORMANCE.md has measurements).")
     fused_backward_pass: bool = doc(False, "Step the optimizer inside the backward pass and free each gradient "
                                            "at once (adamw8bit/lion8bit with grouped_8bit_step; one GPU, "
                                            "grad_accum 1, no clip_grad_norm, bf16 or fp32): the gradients of the "
-                                           "whole model never exist together, 3.7 GiB less for SD1.5.")
+                                           "whole model never exist together (less memory; doc/PERFORMANCE.md).")
     overlap_optimizer_step: bool = doc(False, "With fused_backward_pass on a CUDA GPU: the optimizer steps on a "
                                               "second CUDA stream, alongside the rest of the backward pass "
                                               "(same arithmetic, same result).")
@@ -121,8 +120,8 @@ class TrainConfig:
                                                                 "sliced attention (least memory).")
     sdp_backend: Literal["auto", "flash", "efficient", "cudnn"] = doc(
         "auto", "With attn_type sdp on a CUDA GPU: the scaled-dot-product attention kernel tried first; the others "
-                "stay as fallbacks for shapes it refuses. auto: torch's own choice (on an H200 with torch 2.11 "
-                "that is already cuDNN, 1.6x faster than flash there; see doc/PERFORMANCE.md).")
+                "stay as fallbacks for shapes it refuses. auto: torch's own choice (doc/PERFORMANCE.md compares "
+                "them).")
     skip_nonfinite_steps: bool = doc(True, "In bf16/fp32, check each step's loss and skip steps whose loss is NaN/inf "
                                            "(one host sync a step; fp16's GradScaler always does this). False: "
                                            "no sync outside logging steps.")
@@ -158,8 +157,8 @@ class TrainConfig:
                                             "cheapest of the others in the backward pass (automatic selective "
                                             "checkpointing: less memory, some extra compute). 1: keep all. "
                                             "Values just below 1 all give one plan (torch's min-cut without its "
-                                            "recompute limits; SD1.5 batch 16 on an H200: 0.90-0.97 alike, about "
-                                            "3 GiB less); the budget trades finer only below that plan's share.",
+                                            "recompute limits); the budget trades finer only below that plan's "
+                                            "share (doc/PERFORMANCE.md).",
                                        minimum=0.0, maximum=1.0)
     compile_layout_optimization: bool = doc(
         False, "With torch_compile: make inductor lay the compiled UNet's convolutions out channels-last (NHWC) "
@@ -229,13 +228,34 @@ CLI_ONLY_FLAGS = {
 }
 
 
-def migrate(raw: dict, source: str, warn) -> dict:
-    """Bring an older or EveryDream2 config to the current version; every rename is reported."""
-    raw = dict(raw)
+def _from_everydream2(raw: dict, source: str, warn) -> dict:
+    """Version 0 (an EveryDream2 train.json, which has no config_version) to 1."""
     if raw.get("amp") is not None:
         warn(f"{source}: 'amp' is deprecated in EveryDream2 and here; mixed precision is on unless "
              f"'disable_amp' is true or 'mixed_precision' is 'no'")
-        raw.pop("amp")
+    raw.pop("amp", None)
+    return raw
+
+
+# config_version N -> the function that brings a file of version N to N + 1 (OneTrainer's scheme). A file without
+# config_version is EveryDream2's (version 0); a new format version adds one entry here and bumps CONFIG_VERSION.
+MIGRATIONS = {0: _from_everydream2}
+
+
+def migrate(raw: dict, source: str, warn) -> dict:
+    """Bring an older or EveryDream2 config to the current version, one version at a time; every rename is
+    reported. The result carries config_version CONFIG_VERSION (a version above it is left for the schema check,
+    which names the key and the range)."""
+    raw = dict(raw)
+    version = raw.get("config_version")
+    if version is None:
+        version = 0
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= CONFIG_VERSION:
+        return raw
+    for step in range(version, CONFIG_VERSION):
+        raw = MIGRATIONS[step](raw, source, warn)
+    if "config_version" in raw:
+        raw["config_version"] = CONFIG_VERSION
     return raw
 
 
@@ -290,17 +310,42 @@ LIVE_KEYS = ("save_every_n_epochs", "save_ckpts_from_n_epochs", "save_full_preci
              "log_step")
 
 
-def reload_live_settings(path: str, cfg: TrainConfig) -> dict:
-    """Re-read path and apply the LIVE_KEYS it sets (strictly checked) to cfg. Returns {key: (old, new)}."""
+@dataclass(frozen=True)
+class LiveSettings:
+    """The LIVE_KEYS' current values. The resolved TrainConfig stays as it was loaded; a mid-run change makes a
+    new LiveSettings, and the loop reads these keys from it."""
+    save_every_n_epochs: int | None
+    save_ckpts_from_n_epochs: int
+    save_full_precision: bool
+    save_optimizer: bool
+    ckpt_every_n_minutes: float | None
+    zero_frequency_noise_ratio: float
+    min_snr_gamma: float | None
+    clip_skip: int
+    sample_steps: int
+    log_step: int
+
+
+assert tuple(f.name for f in dataclasses.fields(LiveSettings)) == LIVE_KEYS
+
+
+def live_settings(cfg: TrainConfig) -> LiveSettings:
+    return LiveSettings(**{k: getattr(cfg, k) for k in LIVE_KEYS})
+
+
+def with_live_settings(cfg: TrainConfig, live: LiveSettings) -> TrainConfig:
+    """The config as it stands now (what a checkpoint saves): cfg with the live keys' current values."""
+    return dataclasses.replace(cfg, **dataclasses.asdict(live))
+
+
+def reload_live_settings(path: str, live: LiveSettings) -> tuple[LiveSettings, dict]:
+    """Re-read path for the LIVE_KEYS it sets (strictly checked). Returns (new settings, {key: (old, new)})."""
     raw = migrate(read_json(path, "config file"), path, lambda _msg: None)
-    live = {k: v for k, v in raw.items() if k in LIVE_KEYS}
-    values, problems = check_fields(TrainConfig, live, path)
+    values, problems = check_fields(TrainConfig, {k: v for k, v in raw.items() if k in LIVE_KEYS}, path)
     if problems:
         raise ConfigError("; ".join(problems))
-    changes = {k: (getattr(cfg, k), v) for k, v in values.items() if getattr(cfg, k) != v}
-    for key, (_old, new) in changes.items():
-        setattr(cfg, key, new)
-    return changes
+    changes = {k: (getattr(live, k), v) for k, v in values.items() if getattr(live, k) != v}
+    return dataclasses.replace(live, **{k: new for k, (_old, new) in changes.items()}), changes
 
 
 def validate(cfg: TrainConfig) -> list[str]:

@@ -24,6 +24,12 @@ def final_layer_norm(text_encoder) -> torch.nn.Module:
     return norm
 
 
+def tokenize(tokenizer, captions: list[str]) -> Tensor:
+    """Captions -> token ids [B, model_max_length]: padded and truncated to the encoder's context, as trained."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 def encode_prompts(text_encoder, input_ids: Tensor, *, clip_skip: int = 0) -> Tensor:
     """Token ids [B, L] -> conditioning [B, L, d].
 
