@@ -16,7 +16,7 @@ def check_data(cfg: TrainConfig) -> int:
     # every image decoded in full, as the run's scan does: the same verdict, before any training
     scan = scan_dataset(cfg.data_root, settings, progress=True, check_usable=False)
     # the prompt and validation files fail here as they would at training start
-    from utils.eval.sampling import SampleConfigSource
+    from utils.eval.sample_config import SampleConfigSource
     from utils.eval.validation import load_validation_config
     SampleConfigSource(cfg.sample_prompts, default_seed=cfg.seed, default_size=(resolutions[0], resolutions[0]),
                        default_steps=cfg.sample_num_steps, zero_terminal_snr=cfg.enable_zero_terminal_snr)
