@@ -87,7 +87,7 @@ class Grouped8bit(torch.optim.Optimizer):
             raise ValueError("triton: the Triton 8-bit kernel is written for AdamW only")
         self.kind = kind
         self.triton = triton
-        # the Triton kernel's launch shape (bench/kernel8bit_check.py --sweep tries others); set before the first step
+        # the Triton kernel's launch shape (tests/gpu/test_triton8bit_cuda.py times others); set before the first step
         self.triton_tuning = dict(segment=triton8bit.SEGMENT, num_warps=triton8bit.NUM_WARPS, lookup=True)
         self.chunk_elements = int(chunk_elements)
         self.direct_elements = int(direct_elements)
