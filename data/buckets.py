@@ -17,11 +17,37 @@ SIDE_STEP = 64          # SD's VAE (8x) and UNet (3 downsamplings) need sides di
 MAX_ASPECT = 4.0        # EveryDream2: up to 4:1 both ways
 
 
+def resolution_list(value) -> list[int]:
+    """train.json's `resolution`, an int or a list of ints, as a list (the first is the base resolution). The one
+    place that normalises it; resolution_problems checks the values."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _bad_resolution(resolution) -> bool:
+    return isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < SIDE_STEP \
+        or resolution % SIDE_STEP != 0
+
+
+def _resolution_message(resolution) -> str:
+    return (f"'resolution' values must each be a multiple of {SIDE_STEP} from {SIDE_STEP} up "
+            f"(e.g. 512 or [448, 512, 576]), got {resolution!r}")
+
+
+def resolution_problems(value) -> list[str]:
+    """Every problem with a `resolution` value (an int or a list of them), named by its train.json key."""
+    values = resolution_list(value)
+    if not values:
+        return ["'resolution' is an empty list: give at least one value, e.g. 512 or [448, 512, 576]"]
+    problems = [_resolution_message(r) for r in values if _bad_resolution(r)]
+    if len(set(values)) != len(values):
+        problems.append(f"'resolution' lists a value twice: {values}")
+    return problems
+
+
 def check_resolution(resolution: int) -> None:
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < SIDE_STEP \
-            or resolution % SIDE_STEP:
-        raise ConfigError(f"'resolution' values must be multiples of {SIDE_STEP} from {SIDE_STEP} up "
-                          f"(e.g. 512 or [448, 512, 576]), got {resolution!r}")
+    """ConfigError for one resolution that no bucket table can be built for."""
+    if _bad_resolution(resolution):
+        raise ConfigError(_resolution_message(resolution))
 
 
 @lru_cache(maxsize=None)

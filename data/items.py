@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.buckets import resolution_list, resolution_problems
 from utils.core.config_schema import ConfigError
 
 
@@ -31,22 +32,13 @@ class DataSettings:
     crop_jitter: float = 0.02
 
     def __post_init__(self):
-        # The trainer's config holds a single int today; accept it so callers need no special case.
-        if isinstance(self.resolution, int):
-            self.resolution = [self.resolution]
-        self.resolution = list(self.resolution)
+        # train.json's value may be one int; a list here, so callers need no special case
+        self.resolution = resolution_list(self.resolution)
 
 
 def check_settings(settings: DataSettings) -> list[str]:
     """Every problem with the global data settings, named by their train.json key."""
-    problems = []
-    if not settings.resolution:
-        problems.append("'resolution' is an empty list: give at least one value, e.g. 512 or [448, 512, 576]")
-    for r in settings.resolution:
-        if isinstance(r, bool) or not isinstance(r, int) or r < 64 or r % 64:
-            problems.append(f"'resolution' values must be multiples of 64 from 64 up, got {r!r}")
-    if len(set(settings.resolution)) != len(settings.resolution):
-        problems.append(f"'resolution' lists a value twice: {settings.resolution}")
+    problems = resolution_problems(settings.resolution)
     for key in ("flip_p", "cond_dropout"):
         value = getattr(settings, key)
         if not 0.0 <= value <= 1.0:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.buckets import nearest_bucket
+from data.buckets import nearest_bucket, resolution_list
 from data.transforms import BadImageError, crop_box, load_rgb, render_image
 from utils.core.file_writes import match_umask
 
@@ -53,7 +53,7 @@ def needed_entries(items, resolutions) -> list[Entry]:
     floor(sum of multipliers) picks are dealt to the resolutions in turn, each to the nearest bucket of the item's
     aspect, so a picked item can meet any of the first min(picks, len(resolutions)) resolutions. Flipped variants
     only for items that can be flipped (flip_p > 0)."""
-    resolutions = [resolutions] if isinstance(resolutions, int) else list(resolutions)
+    resolutions = resolution_list(resolutions)
     multipliers = [item.multiply for item in items]
     picks_per_epoch = math.floor(sum(multipliers) + MIN_PICK)
     extra_picks = picks_per_epoch - sum(int(m) for m in multipliers)

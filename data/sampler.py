@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.buckets import nearest_bucket
+from data.buckets import nearest_bucket, resolution_list
 
 
 @dataclass
@@ -69,7 +69,7 @@ def epoch_batches(items, *, batch_size: int, seed: int, epoch: int, resolutions:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
-    resolutions = [resolutions] if isinstance(resolutions, int) else list(resolutions)
+    resolutions = resolution_list(resolutions)
     if not resolutions:
         raise ValueError("resolutions is empty")
     rng = plan_rng(seed, epoch)

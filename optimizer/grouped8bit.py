@@ -7,7 +7,8 @@ overhead per tensor. SD1.5 (UNet + text encoder) has 882 trainable tensors; on o
 (`bitsandbytes.functional.optimizer_update_8bit_blockwise` / `optimizer_update_32bit`) on chunks of tensors:
 31 ms (Lion 19 ms) for the same model, bit-identical results (measured 2026-11-23, torch 2.11, bnb 0.50.2).
 
-- Layout, planned at the first step from the parameters (their order, size, device and dtype):
+- Layout (optimizer/grouped8bit_layout.py), planned at the first step from the parameters (their order, size,
+  device and dtype):
   - tensors of at least `direct_elements` (4M) elements: a chunk each, stepped in place with bitsandbytes'
     per-tensor call (for them the launch overhead is small against the kernel; a copy would cost more);
   - other tensors of at least 4,096 elements (bitsandbytes' min_8bit_size): packed into chunks of at most
@@ -45,56 +46,21 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import torch
 
 from optimizer import triton8bit
+# BLOCK_SIZE and MIN_8BIT_SIZE are bitsandbytes' numbers; the layout defines them, callers import them from here too
+from optimizer.grouped8bit_layout import BLOCK_SIZE, MIN_8BIT_SIZE, Chunk, plan_chunks
 from utils.core.config_schema import ConfigError
 
-BLOCK_SIZE = 256            # bitsandbytes' blockwise quantization block (Optimizer2State / Optimizer1State)
-MIN_8BIT_SIZE = 4096        # bitsandbytes' min_8bit_size: smaller tensors keep fp32 state
 DEFAULT_CHUNK_ELEMENTS = 2 ** 24   # 64 MiB per fp32 buffer
 DEFAULT_DIRECT_ELEMENTS = 2 ** 22  # H100, SD1.5: 2**20..2**23 within 6%; no in-place tensors: 20% slower
 STATE_MARKER = "grouped_8bit"   # in every chunk's state; the value is the format version
 FORMAT_VERSION = 1
 KINDS = {"adam": "AdamW8bit", "lion": "Lion8bit"}
-
-
-@dataclass
-class _Chunk:
-    indices: list[int]                  # positions in param_groups[0]["params"]
-    offsets: list[int]                  # where each tensor starts in the chunk's flat buffers
-    length: int                         # elements of the flat buffers this chunk uses
-    eight_bit: bool
-    device: torch.device
-    dtype: torch.dtype
-    direct: bool = False                # one large tensor, stepped in place (no copies) when it can be
-    grad_views: list[torch.Tensor] = field(default_factory=list)    # views of the shared temporary buffers,
-    param_views: list[torch.Tensor] = field(default_factory=list)   # shaped like each parameter
-    gap_views: list[torch.Tensor] = field(default_factory=list)     # the gradient buffer between tensors
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
-
-
-def _pack(indices: list[int], numels: list[int], limit: int, align: int) -> list[tuple[list[int], list[int], int]]:
-    """Greedy packing in parameter order: (indices, offsets, length) per chunk; offsets are multiples of align."""
-    chunks, cur_idx, cur_off, end = [], [], [], 0
-    for i, n in zip(indices, numels):
-        start = _round_up(end, align)
-        if cur_idx and start + n > limit:
-            chunks.append((cur_idx, cur_off, end))
-            cur_idx, cur_off, start = [], [], 0
-        cur_idx.append(i)
-        cur_off.append(start)
-        end = start + n
-    if cur_idx:
-        chunks.append((cur_idx, cur_off, end))
-    return chunks
 
 
 class Grouped8bit(torch.optim.Optimizer):
@@ -121,11 +87,11 @@ class Grouped8bit(torch.optim.Optimizer):
             raise ValueError("triton: the Triton 8-bit kernel is written for AdamW only")
         self.kind = kind
         self.triton = triton
-        # the Triton kernel's launch shape (bench/kernel8bit_check.py --sweep tries others); set before the first step
+        # the Triton kernel's launch shape (tests/gpu/test_triton8bit_cuda.py times others); set before the first step
         self.triton_tuning = dict(segment=triton8bit.SEGMENT, num_warps=triton8bit.NUM_WARPS, lookup=True)
         self.chunk_elements = int(chunk_elements)
         self.direct_elements = int(direct_elements)
-        self._chunks: list[_Chunk] | None = None            # built at the first step
+        self._chunks: list[Chunk] | None = None            # built at the first step
         self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}   # (device, dtype) -> (grad, param)
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._triton_maps: dict[torch.device, tuple[torch.Tensor, ...]] = {}
@@ -143,27 +109,9 @@ class Grouped8bit(torch.optim.Optimizer):
 
     # --- layout ---
 
-    def _plan(self) -> list[_Chunk]:
-        """The chunk layout for the current parameters (no allocation): a pure function of their order, sizes,
-        devices and dtypes, and of chunk_elements / direct_elements, so a saved state maps back onto the same
-        parameters."""
-        params = self.param_groups[0]["params"]
-        by_key: dict[tuple, tuple[list[int], list[int]]] = {}
-        for i, p in enumerate(params):
-            if p.is_sparse:
-                raise ValueError(f"{type(self).__name__} does not support sparse parameters")
-            big, small = by_key.setdefault((p.device, p.dtype), ([], []))
-            (big if p.numel() >= MIN_8BIT_SIZE else small).append(i)
-        chunks = []
-        for (device, dtype), (big, small) in by_key.items():
-            direct = [i for i in big if params[i].numel() >= self.direct_elements]
-            packed = [i for i in big if params[i].numel() < self.direct_elements]
-            chunks += [_Chunk([i], [0], params[i].numel(), True, device, dtype, direct=True) for i in direct]
-            for indices, eight_bit, align in ((packed, True, BLOCK_SIZE), (small, False, 1)):
-                numels = [params[i].numel() for i in indices]
-                for idx, offs, length in _pack(indices, numels, self.chunk_elements, align):
-                    chunks.append(_Chunk(idx, offs, length, eight_bit, device, dtype))
-        return chunks
+    def _plan(self) -> list[Chunk]:
+        return plan_chunks(self.param_groups[0]["params"], chunk_elements=self.chunk_elements,
+                           direct_elements=self.direct_elements, owner=type(self).__name__)
 
     def _build(self) -> None:
         params = self.param_groups[0]["params"]
@@ -193,7 +141,7 @@ class Grouped8bit(torch.optim.Optimizer):
                 self._check_state(state, c, c.indices[0])
         self._chunks = chunks
 
-    def _new_state(self, c: _Chunk) -> dict:
+    def _new_state(self, c: Chunk) -> dict:
         state = {"step": 0, STATE_MARKER: FORMAT_VERSION, "params": list(c.indices)}
         names = ("state1", "state2") if self.kind == "adam" else ("state1",)
         for i, name in enumerate(names):
@@ -234,7 +182,7 @@ class Grouped8bit(torch.optim.Optimizer):
             self._arrived = [set() for _ in self._chunks]
         return loss
 
-    def _step_chunk(self, c: _Chunk, launch: list | None = None) -> None:
+    def _step_chunk(self, c: Chunk, launch: list | None = None) -> None:
         """Step one chunk; with the Triton kernel and a `launch` list, add it there to be stepped with others."""
         group = self.param_groups[0]
         params = group["params"]
@@ -337,7 +285,7 @@ class Grouped8bit(torch.optim.Optimizer):
         for i in c.indices:
             params[i].grad = None
 
-    def _launch_triton(self, items: list[tuple[_Chunk, dict, list[torch.Tensor]]]) -> None:
+    def _launch_triton(self, items: list[tuple[Chunk, dict, list[torch.Tensor]]]) -> None:
         """Step chunks with the Triton kernel: one launch per step count, dtype and device (normally one). The
         state holds each tensor in its logical (row-major) order, as the copying path does, so a weight or gradient
         in another memory layout (channels_last convolutions) is stepped through a contiguous copy."""
@@ -381,7 +329,7 @@ class Grouped8bit(torch.optim.Optimizer):
         squared, self._grad_sq = self._grad_sq, None
         return None if squared is None else squared.sqrt()
 
-    def _step_in_place(self, c: _Chunk, state: dict, param: torch.Tensor, grad: torch.Tensor, *hyper) -> None:
+    def _step_in_place(self, c: Chunk, state: dict, param: torch.Tensor, grad: torch.Tensor, *hyper) -> None:
         """A large tensor alone in its chunk: bitsandbytes' own per-tensor call, no copies (a copy only when the
         parameter or its gradient is not contiguous, or of another dtype)."""
         if param.is_contiguous() and grad.is_contiguous() and grad.dtype == param.dtype:
@@ -391,7 +339,7 @@ class Grouped8bit(torch.optim.Optimizer):
             self._kernel(c, state, grad.to(param.dtype).contiguous().view(-1), flat, *hyper)
             param.copy_(flat.view_as(param))
 
-    def _kernel(self, c: _Chunk, state: dict, g: torch.Tensor, p: torch.Tensor, lr: float, beta1: float,
+    def _kernel(self, c: Chunk, state: dict, g: torch.Tensor, p: torch.Tensor, lr: float, beta1: float,
                 beta2: float, eps: float, wd: float) -> None:
         """The call bitsandbytes' Optimizer2State / Optimizer1State.update_step makes, on a chunk."""
         step, adam = state["step"], self.kind == "adam"
@@ -408,7 +356,7 @@ class Grouped8bit(torch.optim.Optimizer):
 
     # --- state dict ---
 
-    def _check_state(self, state: dict, c: _Chunk, index: int) -> None:
+    def _check_state(self, state: dict, c: Chunk, index: int) -> None:
         """A chunk's state must be this layout's: same parameters, sizes and kind of state."""
         expected = self._new_state_shapes(c)
         problem = None
@@ -428,7 +376,7 @@ class Grouped8bit(torch.optim.Optimizer):
                               f"model's parameters ({problem}); resume with the same trained parameters, "
                               f"or start from a checkpoint without optimizer state")
 
-    def _new_state_shapes(self, c: _Chunk) -> dict[str, tuple[int, torch.dtype]]:
+    def _new_state_shapes(self, c: Chunk) -> dict[str, tuple[int, torch.dtype]]:
         names = ("state1", "state2") if self.kind == "adam" else ("state1",)
         shapes = {}
         for i, name in enumerate(names):

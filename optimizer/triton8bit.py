@@ -12,7 +12,7 @@ scaled by sqrt(1 - beta2^t), then multiply it by 1 - lr * weight_decay. Where a 
 weight and its moments stay unchanged (bitsandbytes' kernel keeps the weight but stores a meaningless moment).
 New moments are quantized to the nearest code of their map after dividing by the block's new absmax. Results
 are not bit-identical to the CUDA kernel (division and tie rounding differ); the GPU check
-bench/kernel8bit_check.py measures how far they are apart. The nearest code comes from a table keyed on the
+tests/gpu/test_triton8bit_cuda.py measures how far they are apart. The nearest code comes from a table keyed on the
 value's sign, exponent and top mantissa bits (`code_table`): one lookup and one comparison with a midpoint
 instead of a binary search's eight dependent loads, with the same result (tests check every bucket).
 

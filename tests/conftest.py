@@ -4,9 +4,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Triton kernels (optimizer/triton8bit.py) run on CPU tensors in Triton's interpreter. It must be switched on
-# before triton is imported: triton.language's own functions are built then.
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sys
 from pathlib import Path
@@ -26,3 +23,11 @@ def tiny_sd_folder(tmp_path_factory) -> Path:
     """The built-in tiny SD model (fixed seeds) saved once per test run as a diffusers folder."""
     from utils.sd.builtin_models import builtin_folder
     return builtin_folder("tiny-sd", tmp_path_factory.mktemp("models"))
+
+
+def pytest_configure(config):
+    """Triton kernels (optimizer/triton8bit.py) run on CPU tensors in Triton's interpreter. It must be switched on
+    before triton is imported (triton.language's own functions are built then): here, before any test module is.
+    A run of the GPU tests alone (`-m gpu`) leaves it off, so they time and check the compiled kernel."""
+    if config.getoption("markexpr", "").strip() != "gpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")

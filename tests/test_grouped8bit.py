@@ -398,7 +398,7 @@ def test_backward_steps_refuse_a_second_gradient_after_the_step():
 
 def test_overlapped_backward_steps_need_cuda():
     """The second stream is a CUDA stream; on the CPU asking for it is an error, not a silent no-op (the GPU
-    check that it trains bit for bit like the main stream is bench/overlap_check.py)."""
+    check that it trains bit for bit like the main stream is tests/gpu/test_overlap_step.py)."""
     model = make_model()
     with pytest.raises(ValueError, match="overlap needs all parameters on one CUDA device"):
         grouped("adam", model.parameters()).step_in_backward(overlap=True)

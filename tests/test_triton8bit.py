@@ -2,7 +2,7 @@
 
 The layout helpers are pure and always tested. The kernel runs on CPU tensors through Triton's interpreter
 (TRITON_INTERPRET=1) where the triton package is installed (torch's CUDA wheels bring it; the CPU wheel does
-not, so CI skips those tests); the GPU check against bitsandbytes' CUDA kernel is bench/kernel8bit_check.py.
+not, so CI skips those tests); the GPU check against bitsandbytes' CUDA kernel is tests/gpu/test_triton8bit_cuda.py.
 The kernel is compared with `reference_update`: bitsandbytes' CUDA kernel's math written in torch, rounding to
 the nearest code (bitsandbytes' CPU kernel rounds differently, so it is no reference here).
 """
@@ -185,7 +185,7 @@ def test_kernel_equals_the_reference_over_a_chunk_with_gaps(interpreter):
 
 def test_kernel_codes_by_table_equal_codes_by_search(interpreter):
     """The code table and the binary search give bit-equal weights, moments and absmax values, here with
-    segments of 256 and 512 elements too (the launch shapes bench/kernel8bit_check.py --sweep tries)."""
+    segments of 256 and 512 elements too (the launch shapes tests/gpu/test_triton8bit_cuda.py tries)."""
     torch.manual_seed(1)
     numels = [700, 1300]
     offsets, length = chunk_layout(numels)

@@ -51,7 +51,7 @@ def test_upper_region_buckets_are_near_the_budget():
 
 @pytest.mark.parametrize("bad", [0, 100, 500, -64, 32, 512.0, True])
 def test_bad_resolution_is_a_config_error(bad):
-    with pytest.raises(ConfigError, match="multiples of 64"):
+    with pytest.raises(ConfigError, match="multiple of 64"):
         bucket_table(bad)
 
 

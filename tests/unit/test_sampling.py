@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from utils.core.config_schema import ConfigError
-from utils.eval.sampling import (DEFAULT_CFGS, SampleConfigSource, SampleRequest, build_pipeline, generate,
-                            load_sample_config, make_grid, make_sampling_scheduler, parse_scheduler_name,
-                            plan_samples, sample_stem, sample_tag, scheduler_names, size_for_aspect, write_sample)
+from utils.eval.sample_config import (DEFAULT_CFGS, SampleConfigSource, SampleRequest, load_sample_config,
+                                     plan_samples, size_for_aspect)
+from utils.eval.sample_schedulers import make_sampling_scheduler, parse_scheduler_name, scheduler_names
+from utils.eval.sampling import build_pipeline, generate, make_grid, sample_stem, sample_tag, write_sample
 
 CAPTIONS = ["a red ball", "a blue cube", "a green cone", "a yellow star", "a white cat", "a black dog"]
 

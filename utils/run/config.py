@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
+from data.buckets import resolution_problems
 from utils.core.config_schema import (ConfigError, accepts_null, check_fields, describe_type, did_you_mean, doc,
                                  field_default, null_meaning, read_json, schema_fields, to_jsonable)
 
@@ -355,9 +356,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append("resume_ckpt is required: a diffusers folder, a hub id, 'findlast' or 'builtin:tiny-sd'")
     if cfg.disable_textenc_training and cfg.disable_unet_training:
         problems.append("disable_textenc_training and disable_unet_training are both true: nothing to train")
-    resolutions = cfg.resolution if isinstance(cfg.resolution, list) else [cfg.resolution]
-    if not resolutions or any(r % 64 for r in resolutions):
-        problems.append(f"resolution must be a multiple of 64 (or a non-empty list of them), got {cfg.resolution}")
+    problems += resolution_problems(cfg.resolution)
     if cfg.timestep_start >= cfg.timestep_end:
         problems.append(f"timestep_start ({cfg.timestep_start}) must be below timestep_end ({cfg.timestep_end})")
     for key in ("compile_blocks", "compile_layout_optimization"):

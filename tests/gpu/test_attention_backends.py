@@ -1,4 +1,5 @@
-"""Which SDPA backend for the UNet's attention: forward + backward time of every attention call of one UNet step.
+"""Which SDPA backend for the UNet's attention: forward + backward time of every attention call of one UNet step,
+and each backend's error against fp32 math (was bench/attention_check.py; doc/PERFORMANCE.md run 11 records it).
 
 SD1.5's UNet has 8 heads (its attention_head_dim=8 is the head count), so its head dims are 40, 80 and 160 at
 320, 640 and 1280 channels; flash attention pads 40 to 64 and 80 to 128, so the fastest backend is not obvious.
@@ -6,28 +7,22 @@ SD2.1 uses head dim 64 everywhere (channels / 64 heads). For each model this tim
 torch.nn.functional.scaled_dot_product_attention in bf16, forward and backward, for the self- and
 cross-attention shapes of one training step (SD1.5: 512 px, batch 16; SD2.1: 768 px, batch 6), with each backend
 forced through torch.nn.attention.sdpa_kernel and with the default choice, weights each shape by how often one
-UNet forward runs it, and prints the total per backend. Layout as diffusers' AttnProcessor2_0 calls it:
-(batch, seq, heads, head_dim) tensors seen as (batch, heads, seq, head_dim) through transpose(1, 2).
-
-    python bench/attention_check.py [--model sd15|sd21|both]
-    python bench/attention_check.py --cpu-smoke      # tiny shapes on the CPU, math backend and default only
-
-The last line printed is JSON: {model: {backend: ms of all attention calls of one UNet forward + backward, or
-null where the backend refused a shape; backend_error: the worst relative difference of its bf16 output and
-gradients from fp32 math over the shapes it ran (see max_error)}}.
+UNet forward runs it, and prints the total per backend (`-s` shows it). Layout as diffusers' AttnProcessor2_0
+calls it: (batch, seq, heads, head_dim) tensors seen as (batch, heads, seq, head_dim) through transpose(1, 2).
+The CPU test runs the same code on tiny shapes (math backend and default only).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import sys
 import time
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+MAX_BF16_ERROR = 0.05   # worst relative error of a bf16 backend against fp32 math (run 11: at most 1.05e-2)
 
 TEXT_TOKENS = 77
 MODELS = {  # latent side (pixels / 8), batch, head dim from the channels
@@ -107,7 +102,8 @@ def time_ms(step, warmup: int, iters: int, cuda: bool) -> float:
 
 
 def check_model(model: str, backends: dict, smoke: bool) -> dict:
-    """Prints the per-call table and returns {backend: total ms per UNet forward + backward, or None}."""
+    """Prints the per-call table and returns {backend: total ms per UNet forward + backward, or None;
+    <backend>_error: its worst relative error}. smoke: tiny shapes on the CPU."""
     device, cuda = ("cpu", False) if smoke else ("cuda", True)
     warmup, iters = (1, 2) if smoke else (3, 10)
     shapes = attention_shapes(model, smoke)
@@ -142,24 +138,33 @@ def check_model(model: str, backends: dict, smoke: bool) -> dict:
         f"{name}_error": float(f"{e:.3g}") for name, e in errors.items()}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["sd15", "sd21", "both"], default="both")
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (math backend and default)")
-    args = ap.parse_args(argv)
-    if args.cpu_smoke:
-        backends = {"math": SDPBackend.MATH, "default": None}
-    elif not torch.cuda.is_available():
-        sys.exit("needs a CUDA GPU (or --cpu-smoke)")
-    else:
-        backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                    "cudnn": SDPBackend.CUDNN_ATTENTION, "default": None}
-        print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
-    models = ["sd15", "sd21"] if args.model == "both" else [args.model]
-    result = {model: check_model(model, backends, args.cpu_smoke) for model in models}
-    print(json.dumps(result), flush=True)
-    return result
+def test_attention_shapes_follow_the_unet_configs():
+    sd15 = attention_shapes("sd15")
+    assert sum(calls for _, _, calls in sd15) == 32          # 16 transformer blocks, self + cross each
+    assert [s for _, s, _ in sd15[::2]] == [(16, 8, 4096, 4096, 40), (16, 8, 1024, 1024, 80),
+                                           (16, 8, 256, 256, 160), (16, 8, 64, 64, 160)]
+    assert sd15[1][1] == (16, 8, 4096, 77, 40)
+    assert [s for _, s, _ in attention_shapes("sd21")[::2]] == [(6, 5, 9216, 9216, 64), (6, 10, 2304, 2304, 64),
+                                                                (6, 20, 576, 576, 64), (6, 20, 144, 144, 64)]
 
 
-if __name__ == "__main__":
-    main()
+@pytest.mark.parametrize("model", ["sd15", "sd21"])
+def test_cpu_smoke_times_math_and_default(model):
+    result = check_model(model, {"math": SDPBackend.MATH, "default": None}, smoke=True)
+    assert set(result) == {"math", "default", "math_error", "default_error"}
+    assert result["math"] > 0 and result["default"] > 0
+    assert 0 < result["math_error"] < MAX_BF16_ERROR and 0 < result["default_error"] < MAX_BF16_ERROR
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["sd15", "sd21"])
+def test_gpu_backends_agree_with_fp32_math(model):
+    print(f"\n{torch.cuda.get_device_name(0)}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "default": None}
+    result = check_model(model, backends, smoke=False)
+    assert result["default"] is not None, "torch's own choice refused a shape of the UNet"
+    assert result["flash"] is not None or result["cudnn"] is not None, "neither flash nor cuDNN attention ran"
+    for name in backends:
+        if result[name] is not None:
+            assert result[f"{name}_error"] < MAX_BF16_ERROR, (name, result)
