@@ -15,7 +15,8 @@ import torch
 
 import utils.run.trainer as trainer_module
 from tests.integration.conftest import base_args, only_run, run_train
-from utils.run.checkpoint import TMP_SUFFIX, find_last, load_trainer_state
+from utils.core.file_writes import TMP_SUFFIX
+from utils.run.checkpoint import find_last, load_trainer_state
 
 ROOT = Path(__file__).resolve().parents[2]
 
