@@ -22,7 +22,7 @@ import torch
 
 from utils.core.config_schema import ConfigError
 # write_json_atomic: utils/run/trainer.py imports it from here
-from utils.core.file_writes import TMP_SUFFIX, replace_folder_atomic, write_json_atomic
+from utils.core.file_writes import TMP_SUFFIX, replace_folder_atomic, write_json_atomic  # noqa: F401
 
 STATE_FILE = "trainer_state.pt"
 _STEP_RE = re.compile(r"-gs(\d+)$")

@@ -149,7 +149,7 @@ def family_from_keys(sd: Mapping, source: str | Path) -> ModelFamily:
     was expected otherwise."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-    from utils.sd.model_arch import check_single_file_keys
+    from utils.sd.model_arch import check_single_file_keys  # here: model_arch reads FAMILIES at import
 
     check_single_file_keys(sd, source)  # SDXL and other SGM-layout files
     kind = infer_diffusers_model_type(sd)  # 'v1' is also its answer for anything it does not recognise
