@@ -24,7 +24,6 @@ import os
 import random
 import struct
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 
 from data.buckets import nearest_bucket, resolution_list
 from data.transforms import BadImageError, crop_box, load_rgb, render_image
-from utils.core.file_writes import match_umask
+from utils.core.file_writes import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -131,17 +130,12 @@ def read_moments(path: Path) -> torch.Tensor | None:
 
 
 def write_moments(path: Path, moments: torch.Tensor) -> None:
-    """Atomic: a crash or a concurrent reader never sees half a file (temp name in the same folder, os.replace)."""
+    """Atomic: a crash or a concurrent reader never sees half a file (temp name in the same folder, os.replace).
+    write_atomic gives the file the umask's modes: save_file creates 0600, and the cache may be shared with other
+    users' runs."""
     from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file({TENSOR_NAME: moments.detach().to("cpu").contiguous().clone()}, str(tmp))
-        match_umask(tmp)  # save_file creates 0600; the cache may be shared with other users' runs
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    tensors = {TENSOR_NAME: moments.detach().to("cpu").contiguous().clone()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 @dataclass(frozen=True)

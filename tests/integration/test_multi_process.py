@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from tests.integration.conftest import base_args, make_dataset, only_run, read_metrics, run_train, checkpoint_weights as weights
-from utils.run.checkpoint import TMP_SUFFIX, load_trainer_state
+from utils.core.file_writes import TMP_SUFFIX
+from utils.run.checkpoint import load_trainer_state
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT = 240

@@ -1,4 +1,4 @@
-"""utils/sd/convert_ldm.py: diffusers <-> LDM single-file conversion, all offline.
+"""utils/sd/ldm_*.py and convert_ldm.py (CLI): diffusers <-> LDM single-file conversion, all offline.
 
 The tiny models have SD1.5's real block topology (4 levels, 2 layers per block, cross-attention in the first three
 down / last three up blocks) and its width ratios 1:2:4:4 (so the same blocks need skip convolutions) with tiny
@@ -23,8 +23,14 @@ import pytest
 import torch
 
 from utils.sd import convert_ldm as C
+from utils.sd import families as F
+from utils.sd import ldm_export as E
+from utils.sd import ldm_files as LF
+from utils.sd import ldm_import as I
+from utils.sd import ldm_keys as K
 from utils.core.config_schema import ConfigError
 
+SD1, SD2 = F.FAMILIES["sd1"], F.FAMILIES["sd2"]
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(4, 8, 16, 16),
@@ -101,7 +107,7 @@ def sd2v(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sd1_fp32_file(sd1, tmp_path_factory) -> Path:
-    return C.save_single_file(sd1, tmp_path_factory.mktemp("export") / "tiny.safetensors", half=False)
+    return E.save_single_file(sd1, tmp_path_factory.mktemp("export") / "tiny.safetensors", half=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,12 +116,12 @@ def sd1_fp32_file(sd1, tmp_path_factory) -> Path:
 
 def test_unet_and_vae_round_trip_exactly(sd1):
     w, cfg = _weights(sd1), _configs(sd1)
-    assert_same_tensors(w["unet"], C.ldm_to_unet(C.unet_to_ldm(w["unet"], cfg["unet"]), cfg["unet"]))
-    ldm_vae = C.vae_to_ldm(w["vae"], cfg["vae"])
+    assert_same_tensors(w["unet"], K.ldm_to_unet(K.unet_to_ldm(w["unet"], cfg["unet"]), cfg["unet"]))
+    ldm_vae = K.vae_to_ldm(w["vae"], cfg["vae"])
     # LDM keeps the VAE attention projections as 1x1 convolutions (EveryDream2 D27).
     assert ldm_vae["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (16, 16, 1, 1)
     assert ldm_vae["first_stage_model.decoder.mid.attn_1.proj_out.weight"].shape == (16, 16, 1, 1)
-    assert_same_tensors(w["vae"], C.ldm_to_vae(ldm_vae, cfg["vae"]))
+    assert_same_tensors(w["vae"], K.ldm_to_vae(ldm_vae, cfg["vae"]))
 
 
 def test_legacy_vae_attention_names_map_to_the_same_ldm_keys(sd1):
@@ -127,18 +133,18 @@ def test_legacy_vae_attention_names_map_to_the_same_ldm_keys(sd1):
             k = k.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
         legacy[k] = v
     assert legacy.keys() != w["vae"].keys()
-    assert_same_tensors(C.vae_to_ldm(w["vae"], cfg["vae"]), C.vae_to_ldm(legacy, cfg["vae"]))
+    assert_same_tensors(K.vae_to_ldm(w["vae"], cfg["vae"]), K.vae_to_ldm(legacy, cfg["vae"]))
 
 
 def test_tiny_keys_are_real_sd15_names(sd1, reference):
     w, cfg = _weights(sd1), _configs(sd1)
     ref = reference["sd15"]
-    unet_vae = {**C.unet_to_ldm(w["unet"], cfg["unet"]), **C.vae_to_ldm(w["vae"], cfg["vae"])}
-    ref_unet_vae = {k for k in ref if k.startswith((C.UNET_PREFIX, C.VAE_PREFIX))}
+    unet_vae = {**K.unet_to_ldm(w["unet"], cfg["unet"]), **K.vae_to_ldm(w["vae"], cfg["vae"])}
+    ref_unet_vae = {k for k in ref if k.startswith((F.UNET_PREFIX, F.VAE_PREFIX))}
     assert set(unet_vae) == ref_unet_vae
     # Same topology, so every tensor has the real rank (1x1 convs included).
     assert all(len(unet_vae[k].shape) == len(ref[k]) for k in unet_vae)
-    clip = C.text_encoder_to_ldm(w["text_encoder"], cfg["text_encoder"])
+    clip = K.text_encoder_to_ldm(w["text_encoder"], cfg["text_encoder"])
     assert set(clip) <= set(ref), sorted(set(clip) - set(ref))[:3]
 
 
@@ -147,20 +153,20 @@ def test_clip_keys_with_and_without_text_model_prefix(sd1):
     plain = w["text_encoder"]
     assert not any(k.startswith("text_model.") for k in plain)  # transformers 5.x layout
     prefixed = {"text_model." + k: v for k, v in plain.items()}  # transformers 4.x layout
-    a = C.text_encoder_to_ldm(plain, cfg["text_encoder"])
-    b = C.text_encoder_to_ldm(prefixed, cfg["text_encoder"])
+    a = K.text_encoder_to_ldm(plain, cfg["text_encoder"])
+    b = K.text_encoder_to_ldm(prefixed, cfg["text_encoder"])
     assert_same_tensors(a, b)
     assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in a
     assert a["cond_stage_model.transformer.text_model.embeddings.position_ids"].tolist() == [list(range(16))]
-    assert_same_tensors(plain, C.ldm_to_text_encoder(a, cfg["text_encoder"]))
+    assert_same_tensors(plain, K.ldm_to_text_encoder(a, cfg["text_encoder"]))
 
 
 def test_open_clip_text_encoder_round_trip(sd2v):
     w, cfg = _weights(sd2v), _configs(sd2v)
     te, te_cfg = w["text_encoder"], cfg["text_encoder"]
-    ldm = C.text_encoder_to_ldm(te, te_cfg)
-    P = C.OPEN_CLIP_PREFIX
-    assert not any(k.startswith(C.CLIP_PREFIX) for k in ldm)
+    ldm = K.text_encoder_to_ldm(te, te_cfg)
+    P = F.OPEN_CLIP_PREFIX
+    assert not any(k.startswith(F.CLIP_PREFIX) for k in ldm)
     # One resblock more than the diffusers model: SD2 files hold 24 where diffusers keeps 23.
     blocks = {int(k.split(".")[4]) for k in ldm if ".resblocks." in k}
     assert blocks == {0, 1, 2}
@@ -172,13 +178,13 @@ def test_open_clip_text_encoder_round_trip(sd2v):
     assert torch.equal(ldm[P + "text_projection"], torch.eye(16))
     assert ldm[P + "logit_scale"].item() == pytest.approx(math.log(100))
     assert torch.equal(ldm[P + "positional_embedding"], te["embeddings.position_embedding.weight"])
-    assert_same_tensors(te, C.ldm_to_text_encoder(ldm, te_cfg))
+    assert_same_tensors(te, K.ldm_to_text_encoder(ldm, te_cfg))
     prefixed = {"text_model." + k: v for k, v in te.items()}
-    assert_same_tensors(ldm, C.text_encoder_to_ldm(prefixed, te_cfg))
+    assert_same_tensors(ldm, K.text_encoder_to_ldm(prefixed, te_cfg))
 
 
 def test_schedule_buffers_match_the_original_ldm_code(reference):
-    ours = C.schedule_buffers(SCHED)
+    ours = K.schedule_buffers(SCHED)
     assert set(ours) == set(reference["schedule_sample_values"])
     idx = reference["schedule_sample_timesteps"]
     for name, values in reference["schedule_sample_values"].items():
@@ -189,7 +195,7 @@ def test_schedule_buffers_match_the_original_ldm_code(reference):
 def test_unmappable_unet_key_is_an_error(sd1):
     w, cfg = _weights(sd1), _configs(sd1)
     with pytest.raises(ConfigError, match="no LDM equivalent"):
-        C.unet_to_ldm({**w["unet"], "add_embedding.linear_1.weight": torch.zeros(1)}, cfg["unet"])
+        K.unet_to_ldm({**w["unet"], "add_embedding.linear_1.weight": torch.zeros(1)}, cfg["unet"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,15 +204,15 @@ def test_unmappable_unet_key_is_an_error(sd1):
 
 def test_export_default_is_fp16_safetensors_without_sidecar(sd1, tmp_path):
     from safetensors import safe_open
-    out = C.save_single_file(sd1, tmp_path / "m.safetensors")
+    out = E.save_single_file(sd1, tmp_path / "m.safetensors")
     assert out == tmp_path / "m.safetensors"
     assert not (tmp_path / "m.yaml").exists()  # SD1 epsilon: web UIs' default config
     with safe_open(str(out), "pt") as f:
         dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
         meta = f.metadata()
-    assert {d for k, d in dtypes.items() if k.startswith(C.MODEL_PREFIXES) and "position_ids" not in k} == \
+    assert {d for k, d in dtypes.items() if k.startswith(LF.MODEL_PREFIXES) and "position_ids" not in k} == \
         {torch.float16}
-    assert {dtypes[k] for k in C.SCHEDULE_BUFFERS} == {torch.float32}
+    assert {dtypes[k] for k in K.SCHEDULE_BUFFERS} == {torch.float32}
     assert dtypes["cond_stage_model.transformer.text_model.embeddings.position_ids"] == torch.int64
     assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.prediction_type"] == "epsilon"
     assert not set(dtypes) & {"v_pred", "ztsnr"}  # an epsilon model without zero terminal SNR has no markers
@@ -214,7 +220,7 @@ def test_export_default_is_fp16_safetensors_without_sidecar(sd1, tmp_path):
 
 
 def test_export_fp32(sd1_fp32_file):
-    sd, _ = C.read_single_file(sd1_fp32_file)
+    sd, _ = LF.read_single_file(sd1_fp32_file)
     assert {v.dtype for k, v in sd.items() if "position_ids" not in k} == {torch.float32}
 
 
@@ -231,15 +237,15 @@ def test_export_loads_with_diffusers_single_file_loader(sd1, sd1_fp32_file):
 
 
 def test_sd2_v_export_writes_v_sidecar_and_imports_back(sd2v, tmp_path):
-    out = C.save_single_file(sd2v, tmp_path / "sd2.safetensors", half=False)
+    out = E.save_single_file(sd2v, tmp_path / "sd2.safetensors", half=False)
     sidecar = tmp_path / "sd2.yaml"
-    assert sidecar.read_bytes() == (C.CONFIG_DIR / "v2-inference-v.yaml").read_bytes()
-    sd, meta = C.read_single_file(out)
-    assert C.detect_version(sd, out) == "sd2"
+    assert sidecar.read_bytes() == (F.CONFIG_DIR / "v2-inference-v.yaml").read_bytes()
+    sd, meta = LF.read_single_file(out)
+    assert F.family_from_keys(sd, out).name == "sd2"
     assert meta["modelspec.prediction_type"] == "v"
     meta.pop("modelspec.prediction_type")
-    assert C.resolve_prediction_type(out, "sd2", meta, None) == "v_prediction"  # from the sidecar
-    back = C.single_file_to_diffusers(out, tmp_path / "back", config_folder=sd2v)
+    assert I.resolve_prediction_type(out, SD2, meta, None) == "v_prediction"  # from the sidecar
+    back = I.single_file_to_diffusers(out, tmp_path / "back", config_folder=sd2v)
     assert json.loads((back / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == \
         "v_prediction"
     w, w2 = _weights(sd2v), _weights(back)
@@ -255,17 +261,17 @@ def test_sd2_v_export_writes_v_sidecar_and_imports_back(sd2v, tmp_path):
 
 
 def test_sidecar_choice_and_stale_sidecar_removed(sd1, sd2v, tmp_path):
-    assert C.sidecar_name("sd1", "epsilon") is None
-    assert C.sidecar_name("sd1", "v_prediction") == "v1-inference-v.yaml"
-    assert C.sidecar_name("sd2", "epsilon") == "v2-inference.yaml"
+    assert E.sidecar_name(SD1, "epsilon") is None
+    assert E.sidecar_name(SD1, "v_prediction") == "v1-inference-v.yaml"
+    assert E.sidecar_name(SD2, "epsilon") == "v2-inference.yaml"
     out = tmp_path / "same.safetensors"
-    C.save_single_file(sd2v, out)
+    E.save_single_file(sd2v, out)
     assert out.with_suffix(".yaml").is_file()
-    C.save_single_file(sd1, out)  # same name, now an SD1 epsilon model: the SD2 sidecar must go
+    E.save_single_file(sd1, out)  # same name, now an SD1 epsilon model: the SD2 sidecar must go
     assert not out.with_suffix(".yaml").exists()
     user_yaml = tmp_path / "keep.yaml"
     user_yaml.write_text("model: {params: {}}  # the user's own\n")
-    C.save_single_file(sd1, tmp_path / "keep.safetensors")
+    E.save_single_file(sd1, tmp_path / "keep.safetensors")
     assert user_yaml.is_file()  # only our own shipped sidecars are ever removed
 
 
@@ -281,15 +287,15 @@ def sd1v(sd1, tmp_path_factory) -> Path:
 
 def test_v_prediction_and_zero_terminal_snr_markers(sd1v, reference, tmp_path):
     """ComfyUI's convention: empty `v_pred` / `ztsnr` tensors; the header and the sidecar stay as they were."""
-    out = C.save_single_file(sd1v, tmp_path / "v.safetensors", zero_terminal_snr=True)
-    sd, meta = C.read_single_file(out)
+    out = E.save_single_file(sd1v, tmp_path / "v.safetensors", zero_terminal_snr=True)
+    sd, meta = LF.read_single_file(out)
     # exactly these two keys beyond the release's (the tiny model's names are real SD1.5 names)
     assert set(sd) - set(reference["sd15"]) == {"v_pred", "ztsnr"}
     for key in ("v_pred", "ztsnr"):
         assert sd[key].shape == (0,) and sd[key].dtype == torch.float32
     assert meta["modelspec.prediction_type"] == "v"
-    assert out.with_suffix(".yaml").read_bytes() == (C.CONFIG_DIR / "v1-inference-v.yaml").read_bytes()
-    assert "ztsnr" not in C.read_single_file(C.save_single_file(sd1v, tmp_path / "plain.safetensors"))[0]
+    assert out.with_suffix(".yaml").read_bytes() == (F.CONFIG_DIR / "v1-inference-v.yaml").read_bytes()
+    assert "ztsnr" not in LF.read_single_file(E.save_single_file(sd1v, tmp_path / "plain.safetensors"))[0]
 
     # diffusers' own single-file loader ignores the markers
     from diffusers import StableDiffusionPipeline
@@ -302,14 +308,14 @@ def test_v_prediction_and_zero_terminal_snr_markers(sd1v, reference, tmp_path):
     bare = tmp_path / "bare" / "comfy.safetensors"
     bare.parent.mkdir()
     save_file(sd, str(bare))
-    back = C.single_file_to_diffusers(bare, tmp_path / "back", config_folder=sd1v)
+    back = I.single_file_to_diffusers(bare, tmp_path / "back", config_folder=sd1v)
     sched = json.loads((back / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "v_prediction"
     assert sched["rescale_betas_zero_snr"] is True and sched["timestep_spacing"] == "trailing"
-    forced = C.single_file_to_diffusers(bare, tmp_path / "forced", config_folder=sd1v, prediction_type="epsilon")
+    forced = I.single_file_to_diffusers(bare, tmp_path / "forced", config_folder=sd1v, prediction_type="epsilon")
     assert json.loads((forced / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
     # and a round trip keeps them: the imported folder's scheduler config says zero terminal SNR
-    again, _ = C.read_single_file(C.save_single_file(back, tmp_path / "again.safetensors"))
+    again, _ = LF.read_single_file(E.save_single_file(back, tmp_path / "again.safetensors"))
     assert {"v_pred", "ztsnr"} <= set(again)
 
 
@@ -318,9 +324,9 @@ def test_shipped_yamls_give_the_release_configs(reference):
 
     from utils.sd.builtin_models import BUILTINS
     for name in ("v1-inference.yaml", "v1-inference-v.yaml", "v2-inference.yaml", "v2-inference-v.yaml"):
-        yaml.safe_load((C.CONFIG_DIR / name).read_text())
+        yaml.safe_load((F.CONFIG_DIR / name).read_text())
     fake = {k: torch.empty(v, device="meta") for k, v in reference["sd15"].items()}
-    unet, vae = C.diffusers_configs_from_ldm(C.load_original_config("sd1", "epsilon"), fake, "sd1")
+    unet, vae = I.diffusers_configs_from_ldm(I.load_original_config(SD1, "epsilon"), fake, SD1)
     sd15_unet, _, sd15_vae, _, _ = BUILTINS["sd15"]
     def norm(v):
         return tuple(v) if isinstance(v, (list, tuple)) else v
@@ -329,18 +335,18 @@ def test_shipped_yamls_give_the_release_configs(reference):
         assert norm(unet[key]) == norm(sd15_unet[key]), key
     assert list(vae["block_out_channels"]) == list(sd15_vae["block_out_channels"]) and vae["sample_size"] == 512
     fake2 = {k: torch.empty(v, device="meta") for k, v in reference["sd21"].items()}
-    unet2, vae2 = C.diffusers_configs_from_ldm(C.load_original_config("sd2", "v_prediction"), fake2, "sd2")
+    unet2, vae2 = I.diffusers_configs_from_ldm(I.load_original_config(SD2, "v_prediction"), fake2, SD2)
     assert list(unet2["attention_head_dim"]) == [5, 10, 20, 20] and unet2["use_linear_projection"] is True
     assert unet2["cross_attention_dim"] == 1024 and unet2["sample_size"] == 96 and vae2["sample_size"] == 768
-    unet2e, _ = C.diffusers_configs_from_ldm(C.load_original_config("sd2", "epsilon"), fake2, "sd2")
+    unet2e, _ = I.diffusers_configs_from_ldm(I.load_original_config(SD2, "epsilon"), fake2, SD2)
     assert unet2e["sample_size"] == 64
 
 
 def test_export_refuses_wrong_suffix_and_non_diffusers_folder(sd1, tmp_path):
     with pytest.raises(ConfigError, match=r"\*\.ckpt"):
-        C.save_single_file(sd1, tmp_path / "m.safetensors", fmt="ckpt")
+        E.save_single_file(sd1, tmp_path / "m.safetensors", fmt="ckpt")
     with pytest.raises(ConfigError, match="missing unet/"):
-        C.save_single_file(tmp_path, tmp_path / "m.safetensors")
+        E.save_single_file(tmp_path, tmp_path / "m.safetensors")
 
 
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd-quickstart"])
@@ -349,8 +355,8 @@ def test_builtin_tiny_models_export_and_import_back(name, tiny_sd_folder, tmp_pa
     with written-down weights, v-prediction): what the trainer exports at each save."""
     from utils.sd.builtin_models import builtin_folder
     folder = tiny_sd_folder if name == "tiny-sd" else builtin_folder(name, tmp_path / "models")
-    out = C.save_single_file(folder, tmp_path / f"{name}.safetensors", half=False)
-    back = C.single_file_to_diffusers(out, tmp_path / "back", config_folder=folder)
+    out = E.save_single_file(folder, tmp_path / f"{name}.safetensors", half=False)
+    back = I.single_file_to_diffusers(out, tmp_path / "back", config_folder=folder)
     w, w2 = _weights(folder), _weights(back)
     for c in ("unet", "vae", "text_encoder"):
         assert_same_tensors(w[c], w2[c])
@@ -362,11 +368,11 @@ def test_export_from_partial_checkpoint_with_base_folder_and_ema_unet(sd1, tmp_p
     shutil.copytree(sd1 / "unet", ckpt / "ema_unet")  # a training checkpoint: trained parts only
     shutil.copytree(sd1 / "text_encoder", ckpt / "text_encoder")
     with pytest.raises(ConfigError, match="missing unet/, vae/, scheduler/"):
-        C.save_single_file(ckpt, tmp_path / "x.safetensors")
-    out = C.save_single_file(ckpt, tmp_path / "ema.safetensors", base_folder=sd1, unet_subfolder="ema_unet",
+        E.save_single_file(ckpt, tmp_path / "x.safetensors")
+    out = E.save_single_file(ckpt, tmp_path / "ema.safetensors", base_folder=sd1, unet_subfolder="ema_unet",
                              half=False)
-    full = C.save_single_file(sd1, tmp_path / "full.safetensors", half=False)
-    assert_same_tensors(C.read_single_file(full)[0], C.read_single_file(out)[0])
+    full = E.save_single_file(sd1, tmp_path / "full.safetensors", half=False)
+    assert_same_tensors(LF.read_single_file(full)[0], LF.read_single_file(out)[0])
 
 
 def test_export_is_atomic(sd1, tmp_path, monkeypatch):
@@ -378,7 +384,7 @@ def test_export_is_atomic(sd1, tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", fail_midway)
     out = tmp_path / "m.safetensors"
     with pytest.raises(OSError, match="disk full"):
-        C.save_single_file(sd1, out)
+        E.save_single_file(sd1, out)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -389,7 +395,7 @@ def test_export_is_atomic(sd1, tmp_path, monkeypatch):
 def test_import_round_trip_loads_as_pipeline_offline(sd1, sd1_fp32_file, tmp_path):
     from diffusers import StableDiffusionPipeline
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
-    out = C.single_file_to_diffusers(sd1_fp32_file, tmp_path / "imported", config_folder=sd1)
+    out = I.single_file_to_diffusers(sd1_fp32_file, tmp_path / "imported", config_folder=sd1)
     pipe = StableDiffusionPipeline.from_pretrained(out)
     assert pipe.scheduler.config.prediction_type == "epsilon"
     w = _weights(sd1)
@@ -401,8 +407,8 @@ def test_import_round_trip_loads_as_pipeline_offline(sd1, sd1_fp32_file, tmp_pat
 
 
 def test_import_fp16_file_keeps_half_weights(sd1, tmp_path):
-    f = C.save_single_file(sd1, tmp_path / "half.safetensors")
-    out = C.single_file_to_diffusers(f, tmp_path / "imported", config_folder=sd1)
+    f = E.save_single_file(sd1, tmp_path / "half.safetensors")
+    out = I.single_file_to_diffusers(f, tmp_path / "imported", config_folder=sd1)
     w, w2 = _weights(sd1), _weights(out)
     for c in ("unet", "vae", "text_encoder"):
         assert_same_tensors(w[c], w2[c], dtype=torch.float16)
@@ -414,8 +420,8 @@ def test_import_refuses_existing_folder_unless_overwrite(sd1_fp32_file, sd1, tmp
     target.mkdir()
     (target / "keep.txt").write_text("x")
     with pytest.raises(ConfigError, match="not empty"):
-        C.single_file_to_diffusers(sd1_fp32_file, target, config_folder=sd1)
-    C.single_file_to_diffusers(sd1_fp32_file, target, config_folder=sd1, overwrite=True)
+        I.single_file_to_diffusers(sd1_fp32_file, target, config_folder=sd1)
+    I.single_file_to_diffusers(sd1_fp32_file, target, config_folder=sd1, overwrite=True)
     assert (target / "model_index.json").is_file() and not (target / "keep.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -427,35 +433,35 @@ def test_import_is_atomic(sd1_fp32_file, sd1, tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(DDPMScheduler, "save_pretrained", boom)
     with pytest.raises(OSError):
-        C.single_file_to_diffusers(sd1_fp32_file, tmp_path / "out", config_folder=sd1)
+        I.single_file_to_diffusers(sd1_fp32_file, tmp_path / "out", config_folder=sd1)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_import_with_the_wrong_architecture_names_the_problem(sd1_fp32_file, tmp_path):
     # Without config_folder the SD1.5 release configs apply; a tiny file cannot fill them.
     with pytest.raises(ConfigError, match=r"UNet does not match.*missing|UNet does not match.*another shape"):
-        C.single_file_to_diffusers(sd1_fp32_file, tmp_path / "out")
+        I.single_file_to_diffusers(sd1_fp32_file, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_prediction_type_resolution(tmp_path, monkeypatch):
     warnings = []
     # Recorded directly: other tests' logging setup (handlers, propagation) must not matter here.
-    monkeypatch.setattr(C.log, "warning", lambda msg, *args: warnings.append(msg % args))
+    monkeypatch.setattr(I.log, "warning", lambda msg, *args: warnings.append(msg % args))
     f = tmp_path / "m.safetensors"
-    assert C.resolve_prediction_type(f, "sd1", {}, None) == "epsilon"
-    assert C.resolve_prediction_type(f, "sd2", {"modelspec.prediction_type": "v"}, None) == "v_prediction"
+    assert I.resolve_prediction_type(f, SD1, {}, None) == "epsilon"
+    assert I.resolve_prediction_type(f, SD2, {"modelspec.prediction_type": "v"}, None) == "v_prediction"
     assert warnings == []
-    assert C.resolve_prediction_type(f, "sd2", {}, None) == "epsilon"
+    assert I.resolve_prediction_type(f, SD2, {}, None) == "epsilon"
     assert len(warnings) == 1 and "v_prediction" in warnings[0]  # tells the user how to load a 768-v model
-    f.with_suffix(".yaml").write_bytes((C.CONFIG_DIR / "v2-inference-v.yaml").read_bytes())
-    assert C.resolve_prediction_type(f, "sd2", {"modelspec.prediction_type": "epsilon"}, None) == "v_prediction"
-    assert C.resolve_prediction_type(f, "sd2", {}, "epsilon") == "epsilon"  # the argument wins
+    f.with_suffix(".yaml").write_bytes((F.CONFIG_DIR / "v2-inference-v.yaml").read_bytes())
+    assert I.resolve_prediction_type(f, SD2, {"modelspec.prediction_type": "epsilon"}, None) == "v_prediction"
+    assert I.resolve_prediction_type(f, SD2, {}, "epsilon") == "epsilon"  # the argument wins
     with pytest.raises(ConfigError, match="prediction_type"):
-        C.resolve_prediction_type(f, "sd2", {}, "sample")
+        I.resolve_prediction_type(f, SD2, {}, "sample")
     f.with_suffix(".yaml").write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="sidecar"):
-        C.resolve_prediction_type(f, "sd2", {}, None)
+        I.resolve_prediction_type(f, SD2, {}, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -463,18 +469,18 @@ def test_prediction_type_resolution(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_ckpt_round_trip_wrapped_and_flat(sd1, sd1_fp32_file, tmp_path):
-    ref, _ = C.read_single_file(sd1_fp32_file)
-    wrapped = C.save_single_file(sd1, tmp_path / "m.ckpt", half=False, fmt="ckpt")
-    got, _ = C.read_single_file(wrapped)
+    ref, _ = LF.read_single_file(sd1_fp32_file)
+    wrapped = E.save_single_file(sd1, tmp_path / "m.ckpt", half=False, fmt="ckpt")
+    got, _ = LF.read_single_file(wrapped)
     assert_same_tensors(ref, got)
     flat = tmp_path / "flat.ckpt"
     torch.save(ref, flat)
-    assert_same_tensors(ref, C.read_single_file(flat)[0])
+    assert_same_tensors(ref, LF.read_single_file(flat)[0])
     # A training checkpoint: state_dict plus bookkeeping that weights_only can read and we ignore.
     full = tmp_path / "full.ckpt"
     torch.save({"state_dict": ref, "global_step": 875000, "epoch": 3,
                 "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(2)}}}]}, full)
-    got, meta = C.read_single_file(full)
+    got, meta = LF.read_single_file(full)
     assert_same_tensors(ref, got)
     assert meta == {"global_step": "875000"}
 
@@ -493,11 +499,11 @@ class _Payload:
 
 
 def test_ckpt_needing_code_execution_is_refused_without_running_it(sd1_fp32_file, tmp_path):
-    ref, _ = C.read_single_file(sd1_fp32_file)
+    ref, _ = LF.read_single_file(sd1_fp32_file)
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": ref, "callbacks": _Payload()}, evil)
     with pytest.raises(ConfigError, match="pickle code execution") as e:
-        C.read_single_file(evil)
+        LF.read_single_file(evil)
     assert "_record_execution" in str(e.value) and str(evil) in str(e.value)
     assert EXECUTED == []
 
@@ -506,32 +512,32 @@ def test_unknown_layout_sdxl_and_missing_file(tmp_path, sd1):
     from safetensors.torch import save_file
     diffusers_style = tmp_path / "unet_only.safetensors"
     save_file(_weights(sd1)["unet"], str(diffusers_style))
-    sd, _ = C.read_single_file(diffusers_style)
+    sd, _ = LF.read_single_file(diffusers_style)
     with pytest.raises(ConfigError, match="not an SD1.x/SD2.x single-file checkpoint") as e:
-        C.detect_version(sd, diffusers_style)
+        F.family_from_keys(sd, diffusers_style)
     assert str(diffusers_style) in str(e.value) and "cond_stage_model" in str(e.value)
     sdxl = {"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2),
             "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}
     with pytest.raises(ConfigError, match=r"x.safetensors is an SDXL model .*supports SD1.x and SD2.x"):
-        C.detect_version(sdxl, "x.safetensors")
+        F.family_from_keys(sdxl, "x.safetensors")
     # a safetensors file is refused by its key names, before its tensors are read
     sdxl_file = tmp_path / "sdxl.safetensors"
     save_file(sdxl, str(sdxl_file))
     with pytest.raises(ConfigError, match=r"sdxl.safetensors is an SDXL model .*supports SD1.x and SD2.x"):
-        C.read_single_file(sdxl_file)
+        LF.read_single_file(sdxl_file)
     refiner = {"conditioner.embedders.0.model.ln_final.weight": torch.zeros(2)}
     with pytest.raises(ConfigError, match="SDXL refiner or another model in the SGM layout"):
-        C.detect_version(refiner, "refiner.safetensors")
+        F.family_from_keys(refiner, "refiner.safetensors")
     inpaint = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 9, 3, 3),
                "first_stage_model.x": torch.zeros(1), "cond_stage_model.transformer.x": torch.zeros(1)}
     with pytest.raises(ConfigError, match="inpainting"):
-        C.detect_version(inpaint, "inpaint.safetensors")
+        F.family_from_keys(inpaint, "inpaint.safetensors")
     with pytest.raises(ConfigError, match="not found"):
-        C.read_single_file(tmp_path / "nope.safetensors")
+        LF.read_single_file(tmp_path / "nope.safetensors")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 64)
     with pytest.raises(ConfigError, match="cannot read"):
-        C.read_single_file(garbage)
+        LF.read_single_file(garbage)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -559,7 +565,7 @@ def _reference_bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
 
 def test_real_clip_tokenizer_from_shipped_merges(tmp_path):
     from transformers import CLIPTokenizer
-    folder = C.write_clip_tokenizer(tmp_path / "tok")
+    folder = I.write_clip_tokenizer(tmp_path / "tok")
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
     merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
     assert len(vocab) == 49408 and len(merges) == 1 + 48894
@@ -574,7 +580,7 @@ def test_real_clip_tokenizer_from_shipped_merges(tmp_path):
     for word in ("photorealistic", "astronaut", "everydream", "zzyzx"):
         ids = tok(word, add_special_tokens=False).input_ids
         assert tok.convert_ids_to_tokens(ids) == _reference_bpe(word, ranks), word
-    sd2 = CLIPTokenizer.from_pretrained(C.write_clip_tokenizer(tmp_path / "tok2", pad_token="!"))
+    sd2 = CLIPTokenizer.from_pretrained(I.write_clip_tokenizer(tmp_path / "tok2", pad_token="!"))
     assert sd2.pad_token_id == 0  # diffusers' SD2 tokenizer pads with "!"
     assert sd2("a cat", padding="max_length", max_length=6).input_ids == [49406, 320, 2368, 49407, 0, 0]
 
@@ -584,32 +590,32 @@ def test_real_clip_tokenizer_from_shipped_merges(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_prune_drops_ema_and_extras_and_halves(sd1_fp32_file, tmp_path):
-    ref, _ = C.read_single_file(sd1_fp32_file)
-    ema = {"model_ema." + "".join(k.split(".")[1:]): v + 1 for k, v in ref.items() if k.startswith(C.UNET_PREFIX)}
+    ref, _ = LF.read_single_file(sd1_fp32_file)
+    ema = {"model_ema." + "".join(k.split(".")[1:]): v + 1 for k, v in ref.items() if k.startswith(F.UNET_PREFIX)}
     big = tmp_path / "big.ckpt"
     torch.save({"state_dict": {**ref, **ema, "model_ema.decay": torch.tensor(0.999), "lvlb_weights": torch.ones(3)},
                 "optimizer_states": [{"state": {}}], "global_step": 10}, big)
-    out = C.prune_single_file(big, tmp_path / "small.safetensors")
-    got, _ = C.read_single_file(out)
+    out = LF.prune_single_file(big, tmp_path / "small.safetensors")
+    got, _ = LF.read_single_file(out)
     assert set(got) == set(ref)
-    assert {v.dtype for k, v in got.items() if k.startswith(C.MODEL_PREFIXES) and "position_ids" not in k} == \
+    assert {v.dtype for k, v in got.items() if k.startswith(LF.MODEL_PREFIXES) and "position_ids" not in k} == \
         {torch.float16}
     k = "model.diffusion_model.out.2.weight"
     assert torch.equal(got[k], ref[k].half())
-    with_ema, _ = C.read_single_file(C.prune_single_file(big, tmp_path / "ema.safetensors", use_ema=True, half=False))
+    with_ema, _ = LF.read_single_file(LF.prune_single_file(big, tmp_path / "ema.safetensors", use_ema=True, half=False))
     marked = tmp_path / "marked.ckpt"
     torch.save({"state_dict": {**ref, "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}}, marked)
-    kept, _ = C.read_single_file(C.prune_single_file(marked, tmp_path / "marked.safetensors"))
+    kept, _ = LF.read_single_file(LF.prune_single_file(marked, tmp_path / "marked.safetensors"))
     assert set(kept) - set(ref) == {"v_pred", "ztsnr"} and kept["v_pred"].dtype == torch.float32
     assert torch.equal(with_ema[k], ref[k] + 1)
     with pytest.raises(ConfigError, match="no EMA weights"):
-        C.prune_single_file(sd1_fp32_file, tmp_path / "x.safetensors", use_ema=True)
+        LF.prune_single_file(sd1_fp32_file, tmp_path / "x.safetensors", use_ema=True)
 
 
 def test_cli_round_trip_and_errors(sd1, tmp_path, capsys):
     single = tmp_path / "cli.safetensors"
     assert C.main(["to-single", str(sd1), str(single), "--fp32"]) == 0
-    assert C.read_single_file(single)[0]["model.diffusion_model.out.2.weight"].dtype == torch.float32
+    assert LF.read_single_file(single)[0]["model.diffusion_model.out.2.weight"].dtype == torch.float32
     assert C.main(["to-single", str(sd1), str(tmp_path / "cli.ckpt")]) == 0
     assert C.main(["prune", str(tmp_path / "cli.ckpt"), str(tmp_path / "pruned.safetensors")]) == 0
     capsys.readouterr()
@@ -659,7 +665,7 @@ def _full_size_folder(name: str, folder: Path) -> Path:
 
 def _check_release_layout(out: Path, ref: dict[str, list[int]], markers=frozenset()) -> dict[str, torch.Tensor]:
     """The release's keys and shapes exactly, plus exactly the given marker tensors (empty, see ldm_markers)."""
-    sd, _ = C.read_single_file(out)
+    sd, _ = LF.read_single_file(out)
     assert set(sd) - set(ref) == set(markers), sorted(set(sd) - set(ref))[:3]
     assert set(ref) <= set(sd), sorted(set(ref) - set(sd))[:3]
     assert all(sd[k].numel() == 0 for k in markers)
@@ -699,12 +705,12 @@ def big_tmp(tmp_path):
 def test_full_sd15_export_has_release_keys_and_imports(big_tmp, reference):
     tmp_path = big_tmp
     folder = _full_size_folder("sd15", tmp_path / "sd15")
-    out = C.save_single_file(folder, tmp_path / "sd15.safetensors")
+    out = E.save_single_file(folder, tmp_path / "sd15.safetensors")
     assert not (tmp_path / "sd15.yaml").exists()
     sd = _check_release_layout(out, reference["sd15"])
-    assert C.detect_version(sd, out) == "sd1"
+    assert F.family_from_keys(sd, out).name == "sd1"
     del sd
-    imported = C.single_file_to_diffusers(out, tmp_path / "imported")  # shipped yaml + release CLIP config
+    imported = I.single_file_to_diffusers(out, tmp_path / "imported")  # shipped yaml + release CLIP config
     assert json.loads((imported / "tokenizer" / "special_tokens_map.json").read_text())["pad_token"] == \
         "<|endoftext|>"
     _check_import(folder, imported)
@@ -715,17 +721,17 @@ def test_full_sd21_export_has_release_keys_and_imports(big_tmp, reference):
     from diffusers import UNet2DConditionModel
     tmp_path = big_tmp
     folder = _full_size_folder("sd21", tmp_path / "sd21")
-    out = C.save_single_file(folder, tmp_path / "sd21.safetensors")
+    out = E.save_single_file(folder, tmp_path / "sd21.safetensors")
     sidecar = tmp_path / "sd21.yaml"
-    assert sidecar.read_bytes() == (C.CONFIG_DIR / "v2-inference-v.yaml").read_bytes()
+    assert sidecar.read_bytes() == (F.CONFIG_DIR / "v2-inference-v.yaml").read_bytes()
     sd = _check_release_layout(out, reference["sd21"], markers={"v_pred"})
-    assert C.detect_version(sd, out) == "sd2"
+    assert F.family_from_keys(sd, out).name == "sd2"
     del sd
     # diffusers' own loader, offline from the sidecar yaml alone, reads the same UNet tensors.
     unet = UNet2DConditionModel.from_single_file(str(out), original_config=str(sidecar), local_files_only=True)
     assert_same_tensors(_weights(folder)["unet"], unet.state_dict())
     del unet
-    imported = C.single_file_to_diffusers(out, tmp_path / "imported")
+    imported = I.single_file_to_diffusers(out, tmp_path / "imported")
     sched = json.loads((imported / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "v_prediction"  # from the sidecar
     assert json.loads((imported / "tokenizer" / "special_tokens_map.json").read_text())["pad_token"] == "!"

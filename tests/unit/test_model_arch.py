@@ -44,7 +44,7 @@ def test_sd_folders_pass(tiny_sd_folder, tmp_path):
     check_diffusers_folder(_folder(tmp_path / "m", {"_class_name": "StableDiffusionPipeline"}, SD_UNET))
     broken = _folder(tmp_path / "b", None, SD_UNET)
     (broken / "model_index.json").write_text("{")
-    with pytest.raises(ConfigError, match="model_index.json: cannot read"):
+    with pytest.raises(ConfigError, match="model_index.json: invalid JSON"):
         check_diffusers_folder(broken)
 
 

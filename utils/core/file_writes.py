@@ -1,4 +1,5 @@
-"""What every writer of the trainer shares: output folders that can be created, files with ordinary permissions.
+"""What every writer of the trainer shares: output folders that can be created, files with ordinary permissions,
+and the one way files and folders are written atomically (a temp sibling, then os.replace).
 
 safetensors' save_file (and with it every diffusers/transformers save_pretrained) creates its files mode 0600,
 as tempfile.mkstemp does, so a web UI or a colleague running as another user could not open an exported model.
@@ -8,13 +9,17 @@ appears under its final name with other permissions than a plain open() would ha
 """
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import shutil
 from pathlib import Path
+from typing import Callable
 
-try:
-    from utils.core.config_schema import ConfigError
-except ImportError:  # utils/sd/convert_ldm.py run as a file from inside utils/
-    from config_schema import ConfigError  # type: ignore[no-redef]
+from utils.core.config_schema import ConfigError
+
+# Every temp name ends so: checkpoint listings skip such folders (utils/run/checkpoint.py).
+TMP_SUFFIX = ".tmp"
 
 
 def current_umask() -> int:
@@ -67,3 +72,71 @@ def create_folder(path: Path, what: str) -> Path:
         raise ConfigError(f"{what}: the folder {path} is not writable; choose a folder you can write to, "
                           f"or fix its permissions")
     return path
+
+
+def temp_sibling(path: Path) -> Path:
+    """A hidden name beside `path` for writing it: the pid and a random part keep concurrent writers (ranks, two
+    runs sharing a cache) apart.
+
+    Not tempfile.mkstemp/mkdtemp: those create 0600/0700 entries, and the renamed result must stay readable by a
+    web UI running as another user, as any normally created file would be (match_umask fixes what safetensors'
+    save_file creates 0600 before the rename)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """write(temp) beside `path`, then os.replace: a reader never sees half a file, and a failure leaves the old
+    file (if any) and no temp behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        write(tmp)
+        match_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return path
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Indented JSON with a final newline, written atomically."""
+    text = json.dumps(data, indent=2) + "\n"
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def replace_folder_atomic(folder: Path, write_contents: Callable[[Path], None]) -> Path:
+    """write_contents(temp folder) beside `folder`, then swap it in. A failure leaves no temp and the old folder
+    as it was; an existing folder is moved aside (not deleted) until the new one is in place, because a folder
+    cannot be os.replace'd over a non-empty one."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(folder)
+    tmp.mkdir()
+    try:
+        write_contents(tmp)
+        match_umask(tmp)  # save_pretrained's safetensors files are created 0600
+        if folder.exists():
+            old = temp_sibling(folder)
+            os.replace(folder, old)
+            try:
+                os.replace(tmp, folder)
+            except BaseException:
+                os.replace(old, folder)
+                raise
+            _remove(old)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return folder

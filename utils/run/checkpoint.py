@@ -4,14 +4,12 @@ logs/<run>/ckpts/<project>-ep{EE}-gs{SSSSS}/
     unet/ text_encoder/ vae/ tokenizer/ scheduler/ model_index.json   loadable by StableDiffusionPipeline
     trainer_state.pt       optimizers, LR schedulers, GradScaler, EMA, TrainState, RNG states
     train.json optimizer.json                                          the resolved config of the run
-Each is written as `<name>.tmp/` and renamed when complete, so a kill during a save never leaves a folder
-that `findlast` would take.
+Each is written as a hidden `.<name>.<pid>.<random>.tmp/` beside it and renamed when complete
+(utils/core/file_writes.py), so a kill during a save never leaves a folder that `findlast` would take.
 """
 from __future__ import annotations
 
 import errno
-import json
-import os
 import pickle
 import random
 import re
@@ -23,10 +21,10 @@ from pathlib import Path
 import torch
 
 from utils.core.config_schema import ConfigError
-from utils.core.file_writes import match_umask
+# write_json_atomic: utils/run/trainer.py imports it from here
+from utils.core.file_writes import TMP_SUFFIX, replace_folder_atomic, write_json_atomic  # noqa: F401
 
 STATE_FILE = "trainer_state.pt"
-TMP_SUFFIX = ".tmp"
 _STEP_RE = re.compile(r"-gs(\d+)$")
 
 
@@ -66,34 +64,16 @@ def checkpoint_name(project_name: str, epoch: int, global_step: int, prefix: str
     return f"{prefix}{project_name}-ep{epoch:02d}-gs{global_step:05d}"
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_checkpoint_folder(final: Path, write_contents) -> Path:
-    """Call write_contents(tmp_folder), then rename tmp_folder to final. A failure leaves no `final`."""
-    tmp = final.with_name(final.name + TMP_SUFFIX)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    """Call write_contents(tmp_folder), then swap it in as final (the same name again, e.g. a second save at one
+    step, replaces it whole). A failure leaves no temp folder and `final` as it was."""
     try:
-        write_contents(tmp)
-        match_umask(tmp)  # save_pretrained's safetensors files are created 0600: readable by their owner only
-        if final.exists():  # the same name again (e.g. a second save at one step): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        return replace_folder_atomic(final, write_contents)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
             raise ConfigError(f"disk full while saving {final.name}: free space in {final.parent} (earlier "
                               f"checkpoints are intact) or set keep_last_n") from None
         raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 def save_trainer_state(folder: Path, state: dict) -> None:

@@ -213,12 +213,6 @@ def builtin_folder(name: str, cache_root: Path) -> Path:
     """The built-in model's diffusers folder under cache_root, built once and reused."""
     folder = Path(cache_root) / name
     if not (folder / "model_index.json").exists():
-        tmp = folder.with_name(folder.name + ".tmp")
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp)
-        write_builtin(name, tmp)
-        from utils.core.file_writes import match_umask
-        match_umask(tmp)  # save_pretrained's safetensors files are created 0600
-        tmp.rename(folder)
+        from utils.core.file_writes import replace_folder_atomic
+        replace_folder_atomic(folder, lambda tmp: write_builtin(name, tmp))
     return folder

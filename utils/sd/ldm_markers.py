@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from utils.sd.noise import sampling_settings
-except ImportError:  # utils/sd/convert_ldm.py run as a file from inside utils/
-    from noise import sampling_settings  # type: ignore[no-redef]
+from utils.sd.noise import sampling_settings
 
 V_PRED, ZTSNR = "v_pred", "ztsnr"
 MARKER_KEYS = (V_PRED, ZTSNR)

@@ -7,15 +7,12 @@ failed at the first step with a TypeError about `added_cond_kwargs`.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-try:
-    from utils.core.config_schema import ConfigError
-except ImportError:  # utils/sd/convert_ldm.py run as a file from inside utils/
-    from config_schema import ConfigError  # type: ignore[no-redef]
+from utils.core.config_schema import ConfigError, read_json
+from utils.sd.families import supported_titles
 
-SUPPORTED = "this trainer supports SD1.x and SD2.x"
+SUPPORTED = f"this trainer supports {supported_titles()}"
 SUPPORTED_PIPELINE = "StableDiffusionPipeline"
 # Where single files in Stability's SGM layout (SDXL base and refiner) keep their text encoders; SD1/SD2 files in
 # the LDM layout use cond_stage_model.
@@ -23,13 +20,7 @@ SGM_PREFIX = "conditioner.embedders."
 
 
 def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read this model config ({e}); is the model folder complete?") from None
-    return config if isinstance(config, dict) else {}
+    return read_json(path, "model config") if path.is_file() else {}
 
 
 def check_diffusers_folder(folder: Path) -> None:

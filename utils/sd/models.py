@@ -8,15 +8,15 @@ SD1 vs SD2 and epsilon vs v-prediction are read from the folder's configs: data,
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from utils.core.config_schema import ConfigError, read_json
 from utils.sd.builtin_models import BUILTIN_PREFIX, BUILTINS, builtin_folder
-from utils.core.config_schema import ConfigError
+from utils.sd.families import ModelFamily, family_from_text_configs
 from utils.sd.model_arch import check_diffusers_folder
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -31,7 +31,7 @@ class SDModel:
     tokenizer: object
     scheduler_config: dict        # the model's own noise-scheduler config, class name included
     prediction_type: str          # "epsilon" or "v_prediction"
-    is_sd2: bool                  # OpenCLIP-H text encoder (hidden size 1024)
+    family: ModelFamily           # SD1.x, SD2.x: from the text encoder's config (utils/sd/families.py)
 
 
 def _is_diffusers_folder(path: Path) -> bool:
@@ -53,7 +53,7 @@ def resolve_model_folder(source: str, cache_root: Path, prediction_type: str | N
         return builtin_folder(name, cache_root / "builtin")
     path = Path(source).expanduser()
     if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        from utils.sd.convert_ldm import single_file_to_diffusers
+        from utils.sd.ldm_import import single_file_to_diffusers
         stat = path.stat()
         key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{prediction_type}".encode())
         out = cache_root / "converted" / f"{path.stem}-{key.hexdigest()[:10]}"
@@ -106,10 +106,10 @@ def load_sd_model(folder: Path, prediction_type: str | None = None) -> SDModel:
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.float32)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"cannot load the model in {folder}: {e}") from None
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = json.loads(sched_path.read_text(encoding="utf-8")) if sched_path.exists() else {}
+    scheduler_config = read_json(sched_path, "scheduler config") if sched_path.exists() else {}
     if prediction_type:
         scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
@@ -118,4 +118,4 @@ def load_sd_model(folder: Path, prediction_type: str | None = None) -> SDModel:
                           f"(epsilon or v_prediction)")
     return SDModel(folder=Path(folder), unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
                    scheduler_config=scheduler_config, prediction_type=prediction_type,
-                   is_sd2=text_encoder.config.hidden_size == 1024)
+                   family=family_from_text_configs([text_encoder.config.to_dict()], folder / "text_encoder"))

@@ -1,0 +1,229 @@
+"""Original LDM single file (.safetensors / .ckpt) -> diffusers folder (`single_file_to_diffusers`), offline.
+
+The family (utils/sd/families.py) comes from the file's keys, the prediction type from the argument, a sidecar, the
+header or a marker. The conversion goes through diffusers' own LDM->diffusers functions, with the UNet/VAE configs
+derived from the yaml files shipped in utils/sd/ldm_configs/ and the real CLIP BPE tokenizer generated from the merge
+list shipped there, so nothing is fetched from a hub.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from utils.core.config_schema import ConfigError, read_json
+from utils.core.file_writes import replace_folder_atomic
+from utils.sd.families import CONFIG_DIR, PREDICTION_TYPES, ModelFamily, family_from_keys
+from utils.sd.ldm_files import read_single_file
+from utils.sd.ldm_keys import ldm_to_text_encoder, ldm_to_unet, ldm_to_vae
+from utils.sd.ldm_markers import V_PRED, ztsnr_scheduler_config
+
+log = logging.getLogger(__name__)
+
+BPE_FILE = CONFIG_DIR / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def _yaml_prediction_type(yaml_path: Path) -> str:
+    import yaml
+    try:
+        cfg = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{yaml_path}: cannot read the LDM config sidecar: {e}") from None
+    params = cfg.get("model", {}).get("params") if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) \
+        else None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{yaml_path}: not an LDM config (no model.params)")
+    return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
+
+
+def resolve_prediction_type(path: Path, family: ModelFamily, metadata: dict[str, str],
+                            prediction_type: str | None, *, v_pred_marker: bool = False) -> str:
+    """Explicit argument > `<stem>.yaml` sidecar > safetensors ModelSpec header > `v_pred` marker tensor > epsilon.
+
+    The weights of SD2 512-base (epsilon) and 768-v (v_prediction) look alike, so an SD2 768-v file with no
+    sidecar and no header needs the argument; the default follows what web UIs do without a sidecar.
+    """
+    if prediction_type is not None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        return prediction_type
+    path = Path(path)
+    for sidecar in (path.with_suffix(".yaml"), path.with_suffix(".yml")):
+        if sidecar.is_file():
+            return _yaml_prediction_type(sidecar)
+    spec = metadata.get("modelspec.prediction_type")
+    if spec in ("v", "epsilon"):
+        return "v_prediction" if spec == "v" else "epsilon"
+    if v_pred_marker:
+        return "v_prediction"
+    if family.no_sidecar_warning:
+        log.warning("%s: %s", path, family.no_sidecar_warning)
+    return "epsilon"
+
+
+def load_original_config(family: ModelFamily, prediction_type: str) -> dict:
+    """The shipped LDM config a single file of this family and prediction type is imported with."""
+    import yaml
+    name = family.prediction[prediction_type].import_yaml
+    return yaml.safe_load((CONFIG_DIR / name).read_text(encoding="utf-8"))
+
+
+def diffusers_configs_from_ldm(original_config: dict, sd: dict[str, torch.Tensor], family: ModelFamily
+                               ) -> tuple[dict, dict]:
+    """UNet and VAE configs through diffusers' own LDM-config readers; sample sizes from the yaml, not guessed."""
+    from diffusers.loaders.single_file_utils import (create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
+    unet = create_unet_diffusers_config_from_ldm(original_config, sd)
+    vae = create_vae_diffusers_config_from_ldm(original_config, sd)
+    latent = int(original_config["model"]["params"]["image_size"])
+    ch_mult = original_config["model"]["params"]["first_stage_config"]["params"]["ddconfig"]["ch_mult"]
+    unet["sample_size"], vae["sample_size"] = latent, latent * 2 ** (len(ch_mult) - 1)
+    if family.upcast_attention:
+        unet["upcast_attention"] = True
+    return unet, vae
+
+
+
+def _load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str, source: str | Path) -> None:
+    """Every tensor must land: a wrong config or a foreign file is an error here, not a silently random layer."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected))
+    wrong = sorted(k for k in set(sd) & set(expected) if tuple(sd[k].shape) != tuple(expected[k].shape))
+    if missing or extra or wrong:
+        parts = [f"{len(missing)} missing (e.g. {', '.join(missing[:2])})" if missing else "",
+                 f"{len(extra)} unexpected (e.g. {', '.join(extra[:2])})" if extra else "",
+                 f"{len(wrong)} with another shape (e.g. {wrong[0]}: file {tuple(sd[wrong[0]].shape)}, "
+                 f"model {tuple(expected[wrong[0]].shape)})" if wrong else ""]
+        raise ConfigError(f"{source}: {what} does not match the expected architecture: "
+                          f"{'; '.join(p for p in parts if p)}")
+    model.load_state_dict(sd, strict=True, assign=True)
+
+
+def write_clip_tokenizer(folder: Path, *, pad_token: str = "<|endoftext|>", max_length: int = 77) -> Path:
+    """The real CLIP BPE tokenizer (vocab 49408) from the shipped merge list, in the files CLIPTokenizer loads.
+
+    vocab = the 256 byte symbols in CLIP's byte-to-unicode order, the same with `</w>`, one entry per merge (in
+    merge order), then <|startoftext|> and <|endoftext|>; merges = lines 1..48894 of the file.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = gzip.decompress(BPE_FILE.read_bytes()).decode("utf-8").split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]  # line 0 is the "#version" header
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    if len(vocab) != 49408 or len(set(vocab)) != 49408:
+        raise RuntimeError(f"{BPE_FILE}: expected 49408 distinct tokens, built {len(set(vocab))}")
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
+                                       encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                "pad_token": pad_token}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True,
+         "errors": "replace", "add_prefix_space": False, **specials}, indent=2), encoding="utf-8")
+    return folder
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2 byte table in its own order: printable bytes first (as themselves), then the other 68 mapped to
+    chr(256 + n). The order matters: it fixes the first 256 token ids ('a' is 64, 'a</w>' 320)."""
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    table = {b: chr(b) for b in printable}
+    rest = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + n) for n, b in enumerate(rest)})
+    return table
+
+
+def _scheduler_config(original_config: dict, prediction_type: str, keys=()) -> dict:
+    """The yaml's noise schedule; a `ztsnr` marker among `keys` adds the zero-terminal-SNR settings."""
+    p = original_config["model"]["params"]
+    return dict(beta_schedule="scaled_linear", beta_start=float(p.get("linear_start", 0.00085)),
+                beta_end=float(p.get("linear_end", 0.012)), num_train_timesteps=int(p.get("timesteps", 1000)),
+                clip_sample=False, steps_offset=1, prediction_type=prediction_type, **ztsnr_scheduler_config(keys))
+
+
+def write_diffusers_folder(sd: dict[str, torch.Tensor], out_folder: Path, *, unet_config: dict, vae_config: dict,
+                           text_config: dict, scheduler_config: dict, tokenizer_from: Path | None = None,
+                           family: ModelFamily, overwrite: bool = False,
+                           source: str | Path = "checkpoint") -> Path:
+    """Convert an LDM state dict with the given diffusers configs and write a loadable pipeline folder.
+
+    Written under a temp name beside out_folder, then renamed, so an interrupted import leaves nothing half-done.
+    """
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    out_folder = Path(out_folder)
+    if out_folder.exists() and any(out_folder.iterdir()) and not overwrite:
+        raise ConfigError(f"{out_folder}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    (encoder,) = family.text_encoders  # a two-encoder family (SDXL) needs a text config per encoder
+    # Built on the meta device and filled by assignment: no random init, no second copy of the weights.
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae = AutoencoderKL.from_config(vae_config)
+        text_encoder = getattr(transformers, encoder.transformers_class)(
+            transformers.CLIPTextConfig.from_dict(text_config))
+    _load_strict(unet, ldm_to_unet(sd, unet_config), "UNet", source)
+    _load_strict(vae, ldm_to_vae(sd, vae_config), "VAE", source)
+    _load_strict(text_encoder, ldm_to_text_encoder(sd, text_config), "text encoder", source)
+
+    def write(tmp: Path) -> None:
+        unet.save_pretrained(tmp / "unet")
+        vae.save_pretrained(tmp / "vae")
+        text_encoder.save_pretrained(tmp / encoder.subfolder)
+        DDPMScheduler(**scheduler_config).save_pretrained(tmp / "scheduler")
+        if tokenizer_from is not None:
+            shutil.copytree(tokenizer_from, tmp / "tokenizer")
+        else:
+            write_clip_tokenizer(tmp / "tokenizer", pad_token=encoder.pad_token,
+                                 max_length=text_config.get("max_position_embeddings", 77))
+        import diffusers
+        (tmp / "model_index.json").write_text(json.dumps({
+            "_class_name": family.pipeline_class, "_diffusers_version": diffusers.__version__,
+            "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            encoder.subfolder: ["transformers", encoder.transformers_class],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]}, indent=2), encoding="utf-8")
+    return replace_folder_atomic(out_folder, write)
+
+
+def single_file_to_diffusers(path: Path, out_folder: Path, *, prediction_type: str | None = None,
+                             config_folder: Path | None = None, overwrite: bool = False) -> Path:
+    """Convert an SD1.x / SD2.x LDM `.safetensors` or `.ckpt` into a diffusers folder, offline.
+
+    The family comes from the keys (SD2: `cond_stage_model.model.*`). The prediction type comes from the
+    argument, else a `<stem>.yaml` sidecar (`parameterization: "v"`), else the file's ModelSpec header, else its
+    `v_pred` marker, else epsilon, so an SD2 768-v file with none of these needs prediction_type="v_prediction".
+    A `ztsnr` marker sets `rescale_betas_zero_snr` and trailing timesteps in the scheduler config.
+    config_folder: a diffusers folder whose unet/vae/text_encoder configs (and tokenizer/, if any) describe a
+    non-standard architecture; by default the shipped LDM yamls and the release CLIP configs are used.
+    Returns out_folder, which `StableDiffusionPipeline.from_pretrained` loads with HF_HUB_OFFLINE=1.
+    """
+    path = Path(path)
+    sd, meta = read_single_file(path)
+    family = family_from_keys(sd, path)
+    pred = resolve_prediction_type(path, family, meta, prediction_type, v_pred_marker=V_PRED in sd)
+    original_config = load_original_config(family, pred)
+    tokenizer_from = None
+    if config_folder is not None:
+        config_folder = Path(config_folder)
+        unet_cfg = read_json(config_folder / "unet" / "config.json", "UNet config")
+        vae_cfg = read_json(config_folder / "vae" / "config.json", "VAE config")
+        text_cfg = read_json(config_folder / "text_encoder" / "config.json", "text encoder config")
+        if (config_folder / "tokenizer").is_dir():
+            tokenizer_from = config_folder / "tokenizer"
+    else:
+        unet_cfg, vae_cfg = diffusers_configs_from_ldm(original_config, sd, family)
+        text_cfg = dict(family.text_encoders[0].import_config)
+    return write_diffusers_folder(sd, out_folder, unet_config=unet_cfg, vae_config=vae_cfg, text_config=text_cfg,
+                                  scheduler_config=_scheduler_config(original_config, pred, sd),
+                                  tokenizer_from=tokenizer_from, family=family, overwrite=overwrite,
+                                  source=path)
