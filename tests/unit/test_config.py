@@ -164,14 +164,14 @@ def test_config_versions_migrate_one_step_at_a_time(tmp_path):
 def test_shipped_configs_pass_the_trainers_checks(name, monkeypatch):
     """The memory and speed presets combine options with conditions (fused_backward_pass with optimizer.json's
     optimizer, grad_accum and clip_grad_norm): the trainer's own checks, which run before any model loads, pass."""
-    from utils.run.preflight import preflight as Trainer   # the trainer's checks before any model loads
+    from utils.run.preflight import preflight   # the trainer's checks, before any model loads
     monkeypatch.chdir(ROOT)   # optimizer_config is relative to where train.py runs
     cfg, _ = load_config(["--config", name])
     if name == "examples/train_24gb_fast.json":   # its optimizer file turns on the Triton kernel: CUDA only
         with pytest.raises(ConfigError, match="triton_8bit_step true needs a CUDA GPU"):
-            Trainer(cfg)
+            preflight(cfg)
         cfg.optimizer_config = "optimizer.json"
-    Trainer(cfg)
+    preflight(cfg)
 
 
 def test_fast_preset_optimizer_file_is_optimizer_json_with_the_triton_kernel():

@@ -73,3 +73,18 @@ def test_replace_folder_atomic(tmp_path, umask_027):
     with pytest.raises(OSError, match="disk full"):
         replace_folder_atomic(final, fail)
     assert os.listdir(tmp_path) == ["ckpt"] and (final / "unet" / "w.safetensors").read_text() == "2"
+
+
+def test_temps_of_writers_that_ended_are_removed_and_live_ones_kept(tmp_path):
+    """A save killed halfway leaves its hidden temp folder; the next save in that folder removes it, but never the
+    temp of a writer that is still running."""
+    from utils.core.file_writes import remove_stale_temps
+    dead_pid = 2**22 + 12345   # above the default pid_max: no such process
+    stale = tmp_path / f".run-ep01-gs00004.{dead_pid}.abcd1234{TMP_SUFFIX}"
+    live = tmp_path / f".run-ep02-gs00008.{os.getpid()}.abcd1234{TMP_SUFFIX}"
+    (stale / "unet").mkdir(parents=True)
+    live.mkdir()
+    keep = tmp_path / "run-ep01-gs00004"
+    keep.mkdir()
+    assert remove_stale_temps(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and keep.exists()

@@ -23,8 +23,6 @@ LAYERS = {
 }
 PRODUCT_DIRS = ("utils", "data", "optimizer")
 MAX_LINES = 500
-# files still being split (issue 22); each leaves this set when it is, and a strict xfail says when to remove it
-STILL_LONG: set[str] = set()
 
 
 def package_of(module: str) -> str | None:
@@ -96,8 +94,7 @@ def test_the_check_sees_an_upward_import(tmp_path):
                                       "(utils.run, layer 3)"]
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, id=str(p.relative_to(ROOT)), marks=[pytest.mark.xfail(strict=True)]
-                                              if str(p.relative_to(ROOT)) in STILL_LONG else []) for p in product_files()])
+@pytest.mark.parametrize("path", product_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_product_files_stay_short(path):
     lines = len(path.read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines; split it (at most {MAX_LINES})"

@@ -85,6 +85,29 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
 
 
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove temp siblings in `folder` left by writers that no longer run (a save killed halfway): their pid,
+    part of the temp name, is not a live process on this machine. Returns what was removed."""
+    removed = []
+    for path in Path(folder).glob(f".*.*{TMP_SUFFIX}"):
+        pid = path.name[:-len(TMP_SUFFIX)].rsplit(".", 2)[-2]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        _remove(path)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

@@ -17,17 +17,18 @@ from pathlib import Path
 
 import torch
 
-# SampleConfigSource and plan_samples are re-exported: utils/run/trainer.py imports them from here.
-from utils.eval.sample_config import SampleConfig, SampleConfigSource, SampleRequest, plan_samples  # noqa: F401
+from utils.eval.sample_config import SampleConfig, SampleRequest
 from utils.eval.sample_schedulers import make_sampling_scheduler
+from utils.sd.text_conditioning import encode_prompts
 
 # ---------------------------------------------------------------------------------------------- generation
-def build_pipeline(unet, text_encoder, vae, tokenizer, scheduler_config: dict, *, scheduler: str = "ddim",
+def build_pipeline(unet, text_encoder, vae, tokenizer, scheduler_config: dict, *,
+                   pipeline_class: str = "StableDiffusionPipeline", scheduler: str = "ddim",
                    zero_terminal_snr: bool = False, show_progress: bool = False):
-    """A StableDiffusionPipeline around the modules being trained (shared, not copied): cheap, so build one per
-    sampling and the scheduler may change between samplings."""
-    from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(
+    """The family's diffusers pipeline (ModelFamily.pipeline_class) around the modules being trained (shared,
+    not copied): cheap, so build one per sampling and the scheduler may change between samplings."""
+    import diffusers
+    pipe = getattr(diffusers, pipeline_class)(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=make_sampling_scheduler(scheduler, scheduler_config, zero_terminal_snr=zero_terminal_snr),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -35,14 +36,11 @@ def build_pipeline(unet, text_encoder, vae, tokenizer, scheduler_config: dict, *
     return pipe
 
 
-def _encode(pipe, texts: list[str], device, clip_skip: int) -> torch.Tensor:
-    """Prompt embeddings exactly as training builds them (utils/sd/text_conditioning.py, the trainer's clip_skip),
-    rather than through the pipeline's own clip_skip, which counts differently."""
-    from utils.sd.text_conditioning import encode_prompts
-    tok = pipe.tokenizer
-    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(device)
-    return encode_prompts(pipe.text_encoder, ids, clip_skip=clip_skip)
+def _encode(pipe, texts: list[str], device, clip_skip: int, conditioning) -> torch.Tensor:
+    """Prompt embeddings exactly as training builds them (the family's conditioning function and the trainer's
+    clip_skip), rather than through the pipeline's own clip_skip, which counts differently."""
+    from utils.sd.text_conditioning import tokenize
+    return conditioning(pipe.text_encoder, tokenize(pipe.tokenizer, texts).to(device), clip_skip=clip_skip)
 
 
 def _rng_devices(device) -> list:
@@ -54,7 +52,8 @@ def _rng_devices(device) -> list:
 
 def generate(pipe, requests: list[SampleRequest], *, cfg_scales: list[float], steps: int, device,
              autocast_dtype: torch.dtype | None, batch_size: int = 1, guidance_rescale: float = 0.0,
-             clip_skip: int = 0, output_type: str = "pil") -> list[tuple[SampleRequest, list]]:
+             clip_skip: int = 0, conditioning=encode_prompts,
+             output_type: str = "pil") -> list[tuple[SampleRequest, list]]:
     """[(request, [image per CFG scale])] in the order of `requests`.
 
     Requests of the same size run together, up to batch_size at a time. Each image has its own CPU generator
@@ -74,8 +73,9 @@ def generate(pipe, requests: list[SampleRequest], *, cfg_scales: list[float], st
         for (width, height), indices in by_size.items():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
-                cond = _encode(pipe, [requests[i].prompt for i in chunk], device, clip_skip)
-                uncond = _encode(pipe, [requests[i].negative_prompt for i in chunk], device, clip_skip)
+                cond = _encode(pipe, [requests[i].prompt for i in chunk], device, clip_skip,
+                               conditioning)
+                uncond = _encode(pipe, [requests[i].negative_prompt for i in chunk], device, clip_skip, conditioning)
                 for column, scale in enumerate(cfg_scales):
                     generators = [torch.Generator(device="cpu").manual_seed(requests[i].seed) for i in chunk]
                     out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, width=width, height=height,

@@ -3,7 +3,7 @@
     python -m utils.benchmark --arch sd15 --resolution 512 --batch_size 6 --steps 30 [--max_vram_gb 22] [--key value ...]
 
 Builds the SD1.5 or SD2.1 architecture (configs shipped, nothing downloaded), writes synthetic JPEGs to a
-temporary data_root, and runs the same Trainer that train.py runs. After the warm-up steps it reports images/s
+temporary data_root, and runs the same preflight, setup and loop that train.py runs. After the warm-up steps it reports images/s
 (end to end, data loading included), step time, peak allocated / reserved GPU memory, the FLOPs of one training
 image (counted from the model configs) with the achieved TFLOP/s and model FLOP utilisation (MFU), setup and
 compile time, and how much GPU and host memory grew from the end of the warm-up to the last step. Any other

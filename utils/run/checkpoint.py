@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from utils.core.config_schema import ConfigError
-# write_json_atomic: utils/run/trainer.py imports it from here
-from utils.core.file_writes import TMP_SUFFIX, replace_folder_atomic, write_json_atomic  # noqa: F401
+from utils.core.file_writes import TMP_SUFFIX, remove_stale_temps, replace_folder_atomic
 
 STATE_FILE = "trainer_state.pt"
 _STEP_RE = re.compile(r"-gs(\d+)$")
@@ -66,7 +65,9 @@ def checkpoint_name(project_name: str, epoch: int, global_step: int, prefix: str
 
 def save_checkpoint_folder(final: Path, write_contents) -> Path:
     """Call write_contents(tmp_folder), then swap it in as final (the same name again, e.g. a second save at one
-    step, replaces it whole). A failure leaves no temp folder and `final` as it was."""
+    step, replaces it whole). A failure leaves no temp folder and `final` as it was; what a killed save left
+    behind is removed first."""
+    remove_stale_temps(final.parent)
     try:
         return replace_folder_atomic(final, write_contents)
     except OSError as e:

@@ -17,7 +17,7 @@ from optimizer.build import fused_backward_problems
 from optimizer.config import load_optimizer_config
 from utils.core.config_schema import ConfigError
 from utils.core.run_logging import get_logger
-from utils.eval.sampling import SampleConfigSource
+from utils.eval.sample_config import SampleConfigSource
 from utils.eval.validation import ValidationHistory, load_validation_config
 from utils.run.config import TrainConfig, live_settings
 from utils.run.run_state import Previews, Run

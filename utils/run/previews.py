@@ -13,7 +13,8 @@ import torch
 from data.dataset import BatchDataset, scan_dataset
 from optimizer.build import eval_weights
 from utils.core.run_logging import get_logger
-from utils.eval.sampling import build_pipeline, generate, make_grid, plan_samples, sample_stem, sample_tag, write_sample
+from utils.eval.sample_config import plan_samples
+from utils.eval.sampling import build_pipeline, generate, make_grid, sample_stem, sample_tag, write_sample
 from utils.eval.validation import (describe_split, evaluate_loss, split_for_validation, validation_loss_settings,
                                    validation_sets)
 from utils.run.preflight import data_settings
@@ -22,7 +23,7 @@ from utils.run.train_step import loss_settings
 from utils.sd.ema import ema_weights
 from utils.sd.noise import sampling_settings
 from utils.sd.step import compute_loss
-from utils.sd.text_conditioning import encode_prompts, tokenize
+from utils.sd.text_conditioning import conditioning_for, tokenize
 
 log = get_logger()
 
@@ -60,6 +61,7 @@ def validate(run: Run) -> None:
     collective); the main one logs."""
     vcfg, step, sd = run.previews.validation, run.state.global_step, run.models.sd
     settings = validation_loss_settings(loss_settings(run))
+    encode = conditioning_for(sd.family)
 
     def batch_loss(batch, generator) -> torch.Tensor:
         """The training forward path without gradients, augmentation or embedding perturbation; plain MSE."""
@@ -67,7 +69,7 @@ def validate(run: Run) -> None:
         latents = sd.vae.encode(pixels).latent_dist.sample(generator) * sd.vae.config.scaling_factor
         ids = tokenize(sd.tokenizer, batch["captions"]).to(run.device)
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            hidden = encode_prompts(sd.text_encoder, ids, clip_skip=run.live.clip_skip)
+            hidden = encode(sd.text_encoder, ids, clip_skip=run.live.clip_skip)
             loss, _ = compute_loss(sd.unet, run.models.noise_scheduler, latents.float(), hidden, generator, settings)
         return loss
 
@@ -120,10 +122,11 @@ def _sample_with_current_weights(run: Run, prefix: str) -> None:
     requests = plan_samples(scfg, [it.caption for it in run.scan.items], step=step)
     with eval_mode(sd.unet, sd.text_encoder):
         pipe = build_pipeline(sd.unet, sd.text_encoder, sd.vae, sd.tokenizer, sd.scheduler_config,
-                              scheduler=scfg.scheduler, zero_terminal_snr=cfg.enable_zero_terminal_snr,
+                              pipeline_class=sd.family.pipeline_class, scheduler=scfg.scheduler, zero_terminal_snr=cfg.enable_zero_terminal_snr,
                               show_progress=scfg.show_progress_bars)
         results = generate(pipe, requests, cfg_scales=scfg.cfgs, steps=scfg.num_inference_steps, device=run.device,
                            autocast_dtype=run.amp_dtype, batch_size=scfg.batch_size, clip_skip=run.live.clip_skip,
+                           conditioning=conditioning_for(sd.family),
                            guidance_rescale=sampling_settings(zero_terminal_snr=cfg.enable_zero_terminal_snr)
                            .guidance_rescale)
     for idx, (req, images) in enumerate(results):

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from data.buckets import resolution_list
 from utils.run.checkpoint import TrainState
 from utils.run.config import LiveSettings, TrainConfig
 
@@ -125,8 +126,7 @@ class Run:
 
     @property
     def resolutions(self) -> list[int]:
-        r = self.cfg.resolution
-        return list(r) if isinstance(r, list) else [r]
+        return resolution_list(self.cfg.resolution)
 
     @property
     def compile_seconds(self) -> float | None:

@@ -14,12 +14,13 @@ import torch
 from optimizer.build import eval_weights, set_train_mode
 from optimizer.config import optimizer_config_to_json
 from utils.core.run_logging import get_logger
+from utils.core.file_writes import write_json_atomic
 from utils.run.checkpoint import (TrainState, capture_rng, checkpoint_name, prune_checkpoints, restore_rng,
-                                  save_checkpoint_folder, save_trainer_state, write_json_atomic)
+                                  save_checkpoint_folder, save_trainer_state)
 from utils.run.config import config_to_dict, with_live_settings
 from utils.run.loader import close_loader
 from utils.run.run_state import Run
-from utils.sd.convert_ldm import save_single_file
+from utils.sd.ldm_export import save_single_file
 from utils.sd.ema import ema_weights
 
 log = get_logger()

@@ -20,7 +20,8 @@ from optimizer.config import optimizer_config_to_json
 from utils.core.config_schema import ConfigError
 from utils.core.file_writes import create_folder
 from utils.core.run_logging import MetricsSink, add_log_file, get_logger, quiet_libraries
-from utils.run.checkpoint import TrainState, find_last, load_trainer_state, write_json_atomic
+from utils.core.file_writes import write_json_atomic
+from utils.run.checkpoint import TrainState, find_last, load_trainer_state
 from utils.run.config import config_to_dict
 from utils.run.preflight import data_settings
 from utils.run.previews import hold_out_validation_images

@@ -18,7 +18,7 @@ from utils.run.compile_shapes import describe_shape, eager_unless, first_line, i
 from utils.run.run_state import Run
 from utils.sd.losses import mask_to_latent_weight, use_mask_this_step
 from utils.sd.step import LossSettings, batch_seed, compute_loss
-from utils.sd.text_conditioning import encode_prompts, perturb_embeddings, tokenize
+from utils.sd.text_conditioning import conditioning_for, perturb_embeddings, tokenize
 
 log = get_logger()
 
@@ -51,11 +51,12 @@ def loss_settings(run: Run) -> LossSettings:
 def encode_captions(run: Run, captions: list[str]) -> torch.Tensor:
     """The UNet's conditioning for a batch's captions (from the cache while the text encoder is frozen)."""
     models = run.models
+    encode = conditioning_for(models.sd.family)
 
     def run_text_encoder(texts: list[str]) -> torch.Tensor:
         ids = tokenize(models.sd.tokenizer, texts).to(run.device, non_blocking=True)
         with torch.set_grad_enabled(models.train_te):
-            return encode_prompts(models.text_encoder, ids, clip_skip=run.live.clip_skip)
+            return encode(models.text_encoder, ids, clip_skip=run.live.clip_skip)
 
     hidden = models.te_cache.lookup(captions, run_text_encoder) if models.te_cache else run_text_encoder(captions)
     if run.cfg.embedding_perturbation:

@@ -14,8 +14,7 @@ from utils.sd.ldm_export import save_single_file
 from utils.sd.ldm_files import Fmt, prune_single_file
 from utils.sd.ldm_import import single_file_to_diffusers
 
-# save_single_file is imported from here by utils/run/trainer.py; it lives in utils/sd/ldm_export.py.
-__all__ = ["main", "save_single_file"]
+__all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ tokenizing, so the UNet sees the empty-caption embedding (what classifier-free g
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -47,6 +48,16 @@ def encode_prompts(text_encoder, input_ids: Tensor, *, clip_skip: int = 0) -> Te
     if clip_skip > len(hidden_states) - 1:  # hidden_states[-(n+1)] would be the bare token embeddings
         raise ValueError(f"clip_skip {clip_skip} is more than the text encoder's {len(hidden_states) - 1} layers")
     return final_layer_norm(text_encoder)(hidden_states[-clip_skip])
+
+
+# How each model family builds the UNet's text conditioning (ModelFamily.conditioning, utils/sd/families.py): the
+# loop, validation and sampling look the function up here rather than branching on the family.
+CONDITIONING = {"hidden_states_clip_skip": encode_prompts}
+
+
+def conditioning_for(family) -> Callable[..., Tensor]:
+    """(text_encoder, input_ids, *, clip_skip) -> the UNet's encoder_hidden_states, for this family."""
+    return CONDITIONING[family.conditioning]
 
 
 def perturb_embeddings(embeddings: Tensor, generator: torch.Generator, *, gamma: float) -> Tensor:
