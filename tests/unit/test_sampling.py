@@ -11,7 +11,8 @@ from utils.core.config_schema import ConfigError
 from utils.eval.sample_config import (DEFAULT_CFGS, SampleConfigSource, SampleRequest, load_sample_config,
                                      plan_samples, size_for_aspect)
 from utils.eval.sample_schedulers import make_sampling_scheduler, parse_scheduler_name, scheduler_names
-from utils.eval.sampling import build_pipeline, generate, make_grid, sample_stem, sample_tag, write_sample
+from utils.eval.sampling import (build_pipeline, generate, make_grid, prompt_encoder, sample_stem, sample_tag,
+                                 write_sample)
 
 CAPTIONS = ["a red ball", "a blue cube", "a green cone", "a yellow star", "a white cat", "a black dog"]
 
@@ -194,30 +195,34 @@ def test_older_plan_samples_call_with_a_path(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ schedulers
 @pytest.fixture(scope="module")
-def tiny_pipe(tiny_sd_folder):
-    from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def tiny_scheduler_config(tiny_sd_folder):
     return json.loads((tiny_sd_folder / "scheduler" / "scheduler_config.json").read_text())
 
 
-def pipe_with(tiny_pipe, config, name, zero_terminal_snr=False):
-    return build_pipeline(tiny_pipe.unet, tiny_pipe.text_encoder, tiny_pipe.vae, tiny_pipe.tokenizer, config,
-                          scheduler=name, zero_terminal_snr=zero_terminal_snr)
+@pytest.fixture(scope="module")
+def tiny_sd(tiny_sd_folder):
+    from utils.sd.models import load_sd_model
+    return load_sd_model(tiny_sd_folder)
+
+
+def pipe_with(tiny_sd, config, name, zero_terminal_snr=False):
+    import dataclasses
+    return build_pipeline(dataclasses.replace(tiny_sd, scheduler_config=config), scheduler=name,
+                          zero_terminal_snr=zero_terminal_snr)
+
+
+def encoder(tiny_sd):
+    return prompt_encoder(tiny_sd, "cpu")
 
 
 @pytest.mark.parametrize("name", scheduler_names() + ["dpm++ 2m", "dpm++", "dpm++ sde", "DPM++ 2M Karras", "Euler a"])
-def test_every_scheduler_builds_and_samples_two_steps(tiny_pipe, tiny_scheduler_config, name):
-    pipe = pipe_with(tiny_pipe, tiny_scheduler_config, name)
+def test_every_scheduler_builds_and_samples_two_steps(tiny_sd, tiny_scheduler_config, name):
+    pipe = pipe_with(tiny_sd, tiny_scheduler_config, name)
     key, karras = parse_scheduler_name(name)
     assert bool(pipe.scheduler.config.get("use_karras_sigmas", False)) == karras
     assert pipe.scheduler.config.num_train_timesteps == 1000 and pipe.scheduler.config.beta_schedule == "scaled_linear"
-    (req, images), = generate(pipe, [SampleRequest("a red ball", seed=1, size=(32, 32))], cfg_scales=[4.0],
+    (req, images), = generate(pipe, [SampleRequest("a red ball", seed=1, size=(32, 32))], encode=encoder(tiny_sd),
+                              cfg_scales=[4.0],
                               steps=2, device="cpu", autocast_dtype=None, output_type="np")
     assert images[0].shape == (32, 32, 3) and np.isfinite(images[0]).all()
 
@@ -236,7 +241,7 @@ def test_names_and_karras_variants(tiny_scheduler_config):
         parse_scheduler_name("dpm+ 2m")
 
 
-def test_zero_terminal_snr_scheduler_and_guidance_rescale(tiny_pipe, tiny_scheduler_config):
+def test_zero_terminal_snr_scheduler_and_guidance_rescale(tiny_sd, tiny_scheduler_config):
     s = make_sampling_scheduler("ddim", tiny_scheduler_config, zero_terminal_snr=True)
     assert s.config.rescale_betas_zero_snr and s.config.timestep_spacing == "trailing"
     assert float(s.alphas_cumprod[-1]) < 1e-6
@@ -246,21 +251,23 @@ def test_zero_terminal_snr_scheduler_and_guidance_rescale(tiny_pipe, tiny_schedu
                                        zero_terminal_snr=False).config.rescale_betas_zero_snr
     with pytest.raises(ConfigError, match="zero-terminal-SNR"):
         make_sampling_scheduler("heun", tiny_scheduler_config, zero_terminal_snr=True)
-    pipe = pipe_with(tiny_pipe, tiny_scheduler_config, "euler", zero_terminal_snr=True)
-    (_, images), = generate(pipe, [SampleRequest("x", seed=1, size=(32, 32))], cfg_scales=[7.0], steps=2,
+    pipe = pipe_with(tiny_sd, tiny_scheduler_config, "euler", zero_terminal_snr=True)
+    (_, images), = generate(pipe, [SampleRequest("x", seed=1, size=(32, 32))], encode=encoder(tiny_sd),
+                              cfg_scales=[7.0], steps=2,
                             device="cpu", autocast_dtype=None, guidance_rescale=0.7, output_type="np")
     assert np.isfinite(images[0]).all()
 
 
 # ------------------------------------------------------------------------------------------------ generation
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])   # euler_a also draws noise at every step
-def test_batching_gives_the_same_images_as_one_at_a_time(tiny_pipe, tiny_scheduler_config, scheduler):
-    pipe = pipe_with(tiny_pipe, tiny_scheduler_config, scheduler)
+def test_batching_gives_the_same_images_as_one_at_a_time(tiny_sd, tiny_scheduler_config, scheduler):
+    pipe = pipe_with(tiny_sd, tiny_scheduler_config, scheduler)
     reqs = [SampleRequest("a red ball", seed=1, size=(32, 32)),
             SampleRequest("a blue cube", negative_prompt="green", seed=2, size=(48, 32)),
             SampleRequest("a green cone", seed=3, size=(32, 32)),
             SampleRequest("a red ball", seed=4, size=(32, 32))]
-    kw = dict(cfg_scales=[7.0, 1.01], steps=3, device="cpu", autocast_dtype=None, output_type="np")
+    kw = dict(cfg_scales=[7.0, 1.01], steps=3, device="cpu", autocast_dtype=None, output_type="np",
+              encode=encoder(tiny_sd))
     batched = generate(pipe, reqs, batch_size=3, **kw)
     single = generate(pipe, reqs, batch_size=1, **kw)
     assert [r for r, _ in batched] == reqs                      # results come back in request order
@@ -272,19 +279,20 @@ def test_batching_gives_the_same_images_as_one_at_a_time(tiny_pipe, tiny_schedul
     assert np.abs(batched[0][1][0] - batched[3][1][0]).max() > 1e-3   # different seed, different image
 
 
-def test_generate_leaves_global_rng_alone(tiny_pipe, tiny_scheduler_config):
-    pipe = pipe_with(tiny_pipe, tiny_scheduler_config, "euler_a")
+def test_generate_leaves_global_rng_alone(tiny_sd, tiny_scheduler_config):
+    pipe = pipe_with(tiny_sd, tiny_scheduler_config, "euler_a")
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
     generate(pipe, [SampleRequest("x", seed=1, size=(32, 32))], cfg_scales=[7.0], steps=2, device="cpu",
-             autocast_dtype=None)
+             autocast_dtype=None, encode=encoder(tiny_sd))
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_grid_one_column_per_cfg_with_label(tiny_pipe, tiny_scheduler_config, tmp_path):
-    pipe = pipe_with(tiny_pipe, tiny_scheduler_config, "ddim")
-    (req, images), = generate(pipe, [SampleRequest("a red ball", seed=1, size=(64, 48))], cfg_scales=DEFAULT_CFGS,
+def test_grid_one_column_per_cfg_with_label(tiny_sd, tiny_scheduler_config, tmp_path):
+    pipe = pipe_with(tiny_sd, tiny_scheduler_config, "ddim")
+    (req, images), = generate(pipe, [SampleRequest("a red ball", seed=1, size=(64, 48))], encode=encoder(tiny_sd),
+                              cfg_scales=DEFAULT_CFGS,
                               steps=2, device="cpu", autocast_dtype=None)
     grid = make_grid(images, DEFAULT_CFGS)
     assert grid.size == (3 * 64, 48)

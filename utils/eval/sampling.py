@@ -1,9 +1,10 @@
 """Sample images during training: a pipeline around the modules being trained, batched generation with
 per-image seeds, the labelled CFG grid and the files written. Nothing here touches the training's randomness.
 
-    pipe = build_pipeline(unet, te, vae, tokenizer, scheduler_config, scheduler=scfg.scheduler)
+    pipe = build_pipeline(sd, scheduler=scfg.scheduler)
     for request, images in generate(pipe, requests, cfg_scales=scfg.cfgs, steps=scfg.num_inference_steps,
-                                    device=device, autocast_dtype=None, batch_size=scfg.batch_size):
+                                    device=device, autocast_dtype=None, batch_size=scfg.batch_size,
+                                    encode=prompt_encoder(sd, device)):
         grid = make_grid(images, scfg.cfgs)
 
 The prompt file and the requests of one sampling (SampleConfigSource, plan_samples) are utils/eval/sample_config.py;
@@ -11,36 +12,58 @@ scheduler names are utils/eval/sample_schedulers.py.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from utils.eval.sample_config import SampleConfig, SampleRequest
 from utils.eval.sample_schedulers import make_sampling_scheduler
-from utils.sd.text_conditioning import encode_prompts
+from utils.sd.models import tokenizer_subfolder
+from utils.sd.text_conditioning import Conditioning, conditioning_for, tokenize_all
 
 # ---------------------------------------------------------------------------------------------- generation
-def build_pipeline(unet, text_encoder, vae, tokenizer, scheduler_config: dict, *,
-                   pipeline_class: str = "StableDiffusionPipeline", scheduler: str = "ddim",
-                   zero_terminal_snr: bool = False, show_progress: bool = False):
-    """The family's diffusers pipeline (ModelFamily.pipeline_class) around the modules being trained (shared,
-    not copied): cheap, so build one per sampling and the scheduler may change between samplings."""
+# Pipeline arguments some families' pipelines take and training has no use for.
+_UNUSED_PIPELINE_PARTS = {"safety_checker": None, "feature_extractor": None, "image_encoder": None,
+                          "requires_safety_checker": False}
+
+
+def build_pipeline(sd, *, scheduler: str = "ddim", zero_terminal_snr: bool = False, show_progress: bool = False):
+    """The family's diffusers pipeline (ModelFamily.pipeline_class) around an SDModel's modules, the ones being
+    trained (shared, not copied): cheap, so build one per sampling and the scheduler may change between them."""
     import diffusers
-    pipe = getattr(diffusers, pipeline_class)(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=make_sampling_scheduler(scheduler, scheduler_config, zero_terminal_snr=zero_terminal_snr),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    cls = getattr(diffusers, sd.family.pipeline_class)
+    parts = {"unet": sd.unet, "vae": sd.vae,
+             "scheduler": make_sampling_scheduler(scheduler, sd.scheduler_config, zero_terminal_snr=zero_terminal_snr)}
+    for (name, module), tokenizer in zip(sd.text_encoder_parts(), sd.tokenizers):
+        parts[name], parts[tokenizer_subfolder(name)] = module, tokenizer
+    accepted = inspect.signature(cls.__init__).parameters
+    parts.update({k: v for k, v in _UNUSED_PIPELINE_PARTS.items() if k in accepted})
+    pipe = cls(**parts)
     pipe.set_progress_bar_config(disable=not show_progress)
     return pipe
 
 
-def _encode(pipe, texts: list[str], device, clip_skip: int, conditioning) -> torch.Tensor:
-    """Prompt embeddings exactly as training builds them (the family's conditioning function and the trainer's
-    clip_skip), rather than through the pipeline's own clip_skip, which counts differently."""
-    from utils.sd.text_conditioning import tokenize
-    return conditioning(pipe.text_encoder, tokenize(pipe.tokenizer, texts).to(device), clip_skip=clip_skip)
+def prompt_encoder(sd, device, clip_skip: int = 0) -> Callable[[list[str]], Conditioning]:
+    """Prompts -> Conditioning exactly as training builds it (the family's conditioning function and the trainer's
+    clip_skip), rather than through the pipeline's own encoding, whose clip_skip counts differently."""
+    encode = conditioning_for(sd.family)
+
+    def run(texts: list[str]) -> Conditioning:
+        ids = [i.to(device) for i in tokenize_all(sd.tokenizers, texts)]
+        return encode(sd.text_encoders, ids, clip_skip=clip_skip)
+    return run
+
+
+def _embeds(cond: Conditioning, uncond: Conditioning) -> dict:
+    """The pipeline's precomputed-embedding arguments; the pooled ones where the family has them (SDXL)."""
+    kwargs = {"prompt_embeds": cond.hidden, "negative_prompt_embeds": uncond.hidden}
+    if cond.pooled is not None:
+        kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
+    return kwargs
 
 
 def _rng_devices(device) -> list:
@@ -52,7 +75,7 @@ def _rng_devices(device) -> list:
 
 def generate(pipe, requests: list[SampleRequest], *, cfg_scales: list[float], steps: int, device,
              autocast_dtype: torch.dtype | None, batch_size: int = 1, guidance_rescale: float = 0.0,
-             clip_skip: int = 0, conditioning=encode_prompts,
+             encode: Callable[[list[str]], Conditioning],
              output_type: str = "pil") -> list[tuple[SampleRequest, list]]:
     """[(request, [image per CFG scale])] in the order of `requests`.
 
@@ -73,12 +96,11 @@ def generate(pipe, requests: list[SampleRequest], *, cfg_scales: list[float], st
         for (width, height), indices in by_size.items():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
-                cond = _encode(pipe, [requests[i].prompt for i in chunk], device, clip_skip,
-                               conditioning)
-                uncond = _encode(pipe, [requests[i].negative_prompt for i in chunk], device, clip_skip, conditioning)
+                embeds = _embeds(encode([requests[i].prompt for i in chunk]),
+                                 encode([requests[i].negative_prompt for i in chunk]))
                 for column, scale in enumerate(cfg_scales):
                     generators = [torch.Generator(device="cpu").manual_seed(requests[i].seed) for i in chunk]
-                    out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, width=width, height=height,
+                    out = pipe(**embeds, width=width, height=height,
                                num_inference_steps=steps, guidance_scale=scale, guidance_rescale=guidance_rescale,
                                generator=generators, output_type=output_type)
                     for k, i in enumerate(chunk):

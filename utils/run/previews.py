@@ -14,7 +14,8 @@ from data.dataset import BatchDataset, scan_dataset
 from optimizer.build import eval_weights
 from utils.core.run_logging import get_logger
 from utils.eval.sample_config import plan_samples
-from utils.eval.sampling import build_pipeline, generate, make_grid, sample_stem, sample_tag, write_sample
+from utils.eval.sampling import (build_pipeline, generate, make_grid, prompt_encoder, sample_stem, sample_tag,
+                                 write_sample)
 from utils.eval.validation import (describe_split, evaluate_loss, split_for_validation, validation_loss_settings,
                                    validation_sets)
 from utils.run.preflight import data_settings
@@ -23,7 +24,7 @@ from utils.run.train_step import loss_settings
 from utils.sd.ema import ema_weights
 from utils.sd.noise import sampling_settings
 from utils.sd.step import compute_loss
-from utils.sd.text_conditioning import conditioning_for, tokenize
+from utils.sd.text_conditioning import added_conditioning, conditioning_for, tokenize_all
 
 log = get_logger()
 
@@ -67,14 +68,15 @@ def validate(run: Run) -> None:
         """The training forward path without gradients, augmentation or embedding perturbation; plain MSE."""
         pixels = batch["pixel_values"].to(run.device, dtype=sd.vae.dtype, non_blocking=True)
         latents = sd.vae.encode(pixels).latent_dist.sample(generator) * sd.vae.config.scaling_factor
-        ids = tokenize(sd.tokenizer, batch["captions"]).to(run.device)
+        ids = [i.to(run.device) for i in tokenize_all(sd.tokenizers, batch["captions"])]
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            hidden = encode(sd.text_encoder, ids, clip_skip=run.live.clip_skip)
-            loss, _ = compute_loss(sd.unet, run.models.noise_scheduler, latents.float(), hidden, generator, settings)
+            cond = encode(sd.text_encoders, ids, clip_skip=run.live.clip_skip)
+            loss, _ = compute_loss(sd.unet, run.models.noise_scheduler, latents.float(), cond.hidden, generator,
+                                   settings, added_cond=added_conditioning(cond, batch.get("time_ids")))
         return loss
 
     values = {}
-    with eval_weights(run.parts), eval_mode(sd.unet, sd.text_encoder):
+    with eval_weights(run.parts), eval_mode(sd.unet, *sd.text_encoders):
         for vs in run.previews.sets:
             dataset = BatchDataset(vs.items, vs.plans, seed=vcfg.seed, epoch=0, augment=False)
             values[vs.tag] = evaluate_loss(batch_loss, dataset, seed=vcfg.seed)
@@ -120,13 +122,12 @@ def _sample_with_current_weights(run: Run, prefix: str) -> None:
     cfg, sd, step = run.cfg, run.models.sd, run.state.global_step
     scfg = run.previews.samples.current
     requests = plan_samples(scfg, [it.caption for it in run.scan.items], step=step)
-    with eval_mode(sd.unet, sd.text_encoder):
-        pipe = build_pipeline(sd.unet, sd.text_encoder, sd.vae, sd.tokenizer, sd.scheduler_config,
-                              pipeline_class=sd.family.pipeline_class, scheduler=scfg.scheduler, zero_terminal_snr=cfg.enable_zero_terminal_snr,
+    with eval_mode(sd.unet, *sd.text_encoders):
+        pipe = build_pipeline(sd, scheduler=scfg.scheduler, zero_terminal_snr=cfg.enable_zero_terminal_snr,
                               show_progress=scfg.show_progress_bars)
         results = generate(pipe, requests, cfg_scales=scfg.cfgs, steps=scfg.num_inference_steps, device=run.device,
-                           autocast_dtype=run.amp_dtype, batch_size=scfg.batch_size, clip_skip=run.live.clip_skip,
-                           conditioning=conditioning_for(sd.family),
+                           autocast_dtype=run.amp_dtype, batch_size=scfg.batch_size,
+                           encode=prompt_encoder(sd, run.device, run.live.clip_skip),
                            guidance_rescale=sampling_settings(zero_terminal_snr=cfg.enable_zero_terminal_snr)
                            .guidance_rescale)
     for idx, (req, images) in enumerate(results):

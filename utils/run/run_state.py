@@ -26,13 +26,22 @@ class Models:
     sd: Any                                  # utils.sd.models.SDModel: the plain modules (samples, saves, EMA)
     folder: Path                             # the diffusers folder they came from (frozen parts are copied from it)
     train_unet: bool
-    train_te: bool
+    train_text_encoders: tuple[bool, ...]    # per text encoder, in sd.text_encoders' order
     unet: torch.nn.Module                    # what the step calls: sd.unet, DDP-wrapped and/or compiled
-    text_encoder: torch.nn.Module            # likewise
+    text_encoders: tuple                     # likewise, per text encoder
     noise_scheduler: Any
     te_cache: Any = None                     # PromptCache while the text encoder is frozen and cache_te_outputs
     # the trained modules' parameters in a fixed order (EMA state and swaps rely on the order)
     trained_params: list = field(default_factory=list)
+
+    @property
+    def train_te(self) -> bool:
+        """Whether any text encoder trains (gradients flow through the text conditioning)."""
+        return any(self.train_text_encoders)
+
+    def step_modules(self) -> list[tuple[torch.nn.Module, bool]]:
+        """(module the step calls, trained) for the UNet and each text encoder."""
+        return [(self.unet, self.train_unet), *zip(self.text_encoders, self.train_text_encoders)]
 
 
 @dataclass

@@ -22,6 +22,7 @@ from utils.run.loader import close_loader
 from utils.run.run_state import Run
 from utils.sd.ldm_export import save_single_file
 from utils.sd.ema import ema_weights
+from utils.sd.models import tokenizer_subfolder
 
 log = get_logger()
 
@@ -124,13 +125,15 @@ def write_model_folder(run: Run, folder: Path) -> None:
     modules (sd.unet) are saved: DDP and torch.compile only wrap them for the step."""
     models = run.models
     src = models.folder
-    for part, module, trained in (("unet", models.sd.unet, models.train_unet),
-                                  ("text_encoder", models.sd.text_encoder, models.train_te)):
+    parts = [("unet", models.sd.unet, models.train_unet),
+             *((name, module, trained) for (name, module), trained
+               in zip(models.sd.text_encoder_parts(), models.train_text_encoders))]
+    for part, module, trained in parts:
         if trained:
             module.save_pretrained(folder / part, safe_serialization=True)
         else:
             shutil.copytree(src / part, folder / part)
-    for part in ("vae", "tokenizer"):
+    for part in ["vae", *(tokenizer_subfolder(name) for name, _ in models.sd.text_encoder_parts())]:
         if (src / part).exists():
             shutil.copytree(src / part, folder / part)
     # the scheduler config as trained (a prediction_type override included), so a resume sees the same

@@ -127,41 +127,46 @@ def resolve_model(run: Run) -> tuple[Path, dict | None]:
 def load_models(run: Run, folder: Path) -> Models:
     cfg = run.cfg
     sd = load_sd_model(folder, _prediction_override(run))
-    train_unet, train_te = not cfg.disable_unet_training, not cfg.disable_textenc_training
+    train_unet = not cfg.disable_unet_training
+    train_tes = tuple(not cfg.disable_textenc_training for _ in sd.text_encoders)
     frozen_dtype = run.amp_dtype or torch.float32
-    # Frozen parts run in the autocast dtype: less memory, and no fp32 copy is needed.
-    sd.vae.requires_grad_(False).to(run.device, dtype=frozen_dtype).eval()
-    sd.unet.to(run.device, dtype=torch.float32 if train_unet else frozen_dtype)
-    sd.text_encoder.to(run.device, dtype=torch.float32 if train_te else frozen_dtype)
-    if cfg.channels_last:  # convolutions in NHWC: the layout cuDNN's tensor-core kernels want
-        sd.unet.to(memory_format=torch.channels_last)
-    for module, trained in ((sd.unet, train_unet), (sd.text_encoder, train_te)):
+    # Frozen parts run in the autocast dtype: less memory, and no fp32 copy is needed. A VAE whose config asks
+    # for it (force_upcast: SDXL's overflows fp16 to NaN) stays fp32 under fp16; bf16's range is fp32's.
+    vae_dtype = torch.float32 if frozen_dtype == torch.float16 and sd.vae.config.get("force_upcast") else frozen_dtype
+    sd.vae.requires_grad_(False).to(run.device, dtype=vae_dtype).eval()
+    modules = [(sd.unet, train_unet), *zip(sd.text_encoders, train_tes)]
+    for module, trained in modules:
+        module.to(run.device, dtype=torch.float32 if trained else frozen_dtype)
         if not trained:
             module.requires_grad_(False).eval()
+    if cfg.channels_last:  # convolutions in NHWC: the layout cuDNN's tensor-core kernels want
+        sd.unet.to(memory_format=torch.channels_last)
     if cfg.attn_type == "xformers":
         sd.unet.enable_xformers_memory_efficient_attention()
     elif cfg.attn_type == "slice":
         sd.unet.set_attention_slice("auto")
-    if cfg.gradient_checkpointing:
-        if train_unet:
-            sd.unet.enable_gradient_checkpointing()
-        if train_te:
-            sd.text_encoder.gradient_checkpointing_enable()
-    for module, trained in ((sd.unet, train_unet), (sd.text_encoder, train_te)):
+    if cfg.gradient_checkpointing and train_unet:
+        sd.unet.enable_gradient_checkpointing()
+    for text_encoder, trained in zip(sd.text_encoders, train_tes):
+        if cfg.gradient_checkpointing and trained:
+            text_encoder.gradient_checkpointing_enable()
+    for module, trained in modules:
         if trained:
             module.train()
-    return Models(sd=sd, folder=folder, train_unet=train_unet, train_te=train_te, unet=sd.unet,
-                  text_encoder=sd.text_encoder,
+    return Models(sd=sd, folder=folder, train_unet=train_unet, train_text_encoders=train_tes, unet=sd.unet,
+                  text_encoders=sd.text_encoders,
                   noise_scheduler=make_noise_scheduler(sd.scheduler_config,
                                                        zero_terminal_snr=cfg.enable_zero_terminal_snr),
-                  te_cache=PromptCache() if not train_te and cfg.cache_te_outputs else None,
-                  trained_params=trained_parameters(sd, train_unet, train_te))
+                  te_cache=PromptCache() if not any(train_tes) and cfg.cache_te_outputs else None,
+                  trained_params=trained_parameters(sd, train_unet, train_tes))
 
 
-def trained_parameters(sd, train_unet: bool, train_te: bool) -> list[torch.nn.Parameter]:
-    """The trained modules' parameters in a fixed order: UNet, then text encoder."""
+def trained_parameters(sd, train_unet: bool, train_tes: tuple[bool, ...]) -> list[torch.nn.Parameter]:
+    """The trained modules' parameters in a fixed order: UNet, then each text encoder."""
     params = list(sd.unet.parameters()) if train_unet else []
-    return params + (list(sd.text_encoder.parameters()) if train_te else [])
+    for text_encoder, trained in zip(sd.text_encoders, train_tes):
+        params += list(text_encoder.parameters()) if trained else []
+    return params
 
 
 def cache_latents(run: Run):
@@ -211,18 +216,22 @@ def build_optimizers(run: Run) -> None:
 def wrap_for_ddp(run: Run) -> None:
     """DDP wraps only what trains (one process: prepare() returns the modules unchanged). After the optimizer
     setup, because DDP takes the parameters that require grad when it wraps: text_encoder_freezing must come
-    first. The text encoder's last layers go unused with clip_skip >= 2 (a live key), so DDP looks for unused
-    parameters there (cheap for the text encoder; the UNet uses all of its parameters)."""
+    first. A text encoder's last layers go unused with clip_skip >= 2 (a live key), so DDP looks for unused
+    parameters there (cheap for a text encoder; the UNet uses all of its parameters)."""
     models = run.models
     if models.train_unet:
         models.unet = run.accelerator.prepare(models.sd.unet)
-    if models.train_te and run.processes > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        models.text_encoder = DistributedDataParallel(
-            models.sd.text_encoder, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-            find_unused_parameters=True)
-    elif models.train_te:
-        models.text_encoder = run.accelerator.prepare(models.sd.text_encoder)
+    wrapped = []
+    for text_encoder, trained in zip(models.sd.text_encoders, models.train_text_encoders):
+        if trained and run.processes > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            text_encoder = DistributedDataParallel(
+                text_encoder, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        elif trained:
+            text_encoder = run.accelerator.prepare(text_encoder)
+        wrapped.append(text_encoder)
+    models.text_encoders = tuple(wrapped)
 
 
 def build_ema(run: Run):
@@ -243,6 +252,6 @@ def build_ema(run: Run):
             folder = Path(cfg.ema_resume_model)
         if not (folder / "unet").is_dir():
             raise ConfigError(f"ema_resume_model: {folder} is not a diffusers model folder")
-        ema.copy_from(trained_parameters(load_sd_model(folder), models.train_unet, models.train_te))
+        ema.copy_from(trained_parameters(load_sd_model(folder), models.train_unet, models.train_text_encoders))
         log.info(f"EMA weights from {folder}")
     return ema

@@ -87,7 +87,7 @@ def compile_step_modules(run: Run) -> None:
                 block.forward = compiled_when_grad_enabled(block.forward, mode)
     else:
         models.unet = torch.compile(models.unet, mode=mode, dynamic=False)
-    if models.train_te:
-        models.text_encoder = torch.compile(models.text_encoder, mode=mode, dynamic=False)
+    models.text_encoders = tuple(torch.compile(te, mode=mode, dynamic=False) if trained else te
+                                 for te, trained in zip(models.text_encoders, models.train_text_encoders))
     log.info(f"torch.compile ({cfg.compile_mode}): each batch shape compiles at its first step; the time is logged "
              f"per shape")

@@ -18,7 +18,8 @@ from utils.run.compile_shapes import describe_shape, eager_unless, first_line, i
 from utils.run.run_state import Run
 from utils.sd.losses import mask_to_latent_weight, use_mask_this_step
 from utils.sd.step import LossSettings, batch_seed, compute_loss
-from utils.sd.text_conditioning import conditioning_for, perturb_embeddings, tokenize
+from utils.sd.text_conditioning import (Conditioning, added_conditioning, conditioning_for, perturb_embeddings,
+                                       tokenize_all)
 
 log = get_logger()
 
@@ -48,20 +49,20 @@ def loss_settings(run: Run) -> LossSettings:
                         timestep_end=c.timestep_end, huber_delta=c.huber_delta)
 
 
-def encode_captions(run: Run, captions: list[str]) -> torch.Tensor:
-    """The UNet's conditioning for a batch's captions (from the cache while the text encoder is frozen)."""
+def encode_captions(run: Run, captions: list[str]) -> Conditioning:
+    """The UNet's conditioning for a batch's captions (from the cache while the text encoders are frozen)."""
     models = run.models
     encode = conditioning_for(models.sd.family)
 
-    def run_text_encoder(texts: list[str]) -> torch.Tensor:
-        ids = tokenize(models.sd.tokenizer, texts).to(run.device, non_blocking=True)
+    def run_text_encoders(texts: list[str]) -> Conditioning:
+        ids = [i.to(run.device, non_blocking=True) for i in tokenize_all(models.sd.tokenizers, texts)]
         with torch.set_grad_enabled(models.train_te):
-            return encode(models.text_encoder, ids, clip_skip=run.live.clip_skip)
+            return encode(models.text_encoders, ids, clip_skip=run.live.clip_skip)
 
-    hidden = models.te_cache.lookup(captions, run_text_encoder) if models.te_cache else run_text_encoder(captions)
+    cond = models.te_cache.lookup(captions, run_text_encoders) if models.te_cache else run_text_encoders(captions)
     if run.cfg.embedding_perturbation:
-        hidden = perturb_embeddings(hidden, run.generator, gamma=run.cfg.embedding_perturbation)
-    return hidden
+        cond.hidden = perturb_embeddings(cond.hidden, run.generator, gamma=run.cfg.embedding_perturbation)
+    return cond
 
 
 def micro_step(run: Run, batch: dict, group_size: float, sync_grads: bool, weight: float = 1.0) -> torch.Tensor:
@@ -123,16 +124,17 @@ def forward_backward(run: Run, batch: dict, group_size: float, sync_grads: bool,
                                              normalize_masked_area_loss=cfg.normalize_masked_area_loss)
     no_sync = contextlib.ExitStack()
     if not sync_grads and run.processes > 1:
-        for model, trained in ((models.unet, models.train_unet), (models.text_encoder, models.train_te)):
+        for model, trained in models.step_modules():
             if trained:
                 no_sync.enter_context(run.accelerator.no_sync(model))
     with phase, no_sync:
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            hidden = encode_captions(run, batch["captions"])
+            cond = encode_captions(run, batch["captions"])
             # non_blocking: a blocking copy would make the host wait here for the GPU, every step
             loss_scale = batch["loss_scale"].to(run.device, non_blocking=True)
-            loss, _ = compute_loss(models.unet, models.noise_scheduler, latents, hidden, run.generator,
-                                   loss_settings(run), loss_scale=loss_scale, pixel_weight=pixel_weight)
+            loss, _ = compute_loss(models.unet, models.noise_scheduler, latents, cond.hidden, run.generator,
+                                   loss_settings(run), loss_scale=loss_scale, pixel_weight=pixel_weight,
+                                   added_cond=added_conditioning(cond, batch.get("time_ids")))
         if cfg.fused_backward_pass:  # the backward pass steps the weights: decide before it
             run.backward_skipped = cfg.skip_nonfinite_steps and not bool(torch.isfinite(loss))
             if run.backward_skipped:

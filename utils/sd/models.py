@@ -16,7 +16,7 @@ import torch
 
 from utils.core.config_schema import ConfigError, read_json
 from utils.sd.builtin_models import BUILTIN_PREFIX, BUILTINS, builtin_folder
-from utils.sd.families import ModelFamily, family_from_text_configs
+from utils.sd.families import ModelFamily, family_of_folder
 from utils.sd.model_arch import check_diffusers_folder
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -26,12 +26,25 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 class SDModel:
     folder: Path                  # the local diffusers folder everything was loaded from
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    text_encoders: tuple          # in the family's order (text_encoder, text_encoder_2, ...)
     vae: torch.nn.Module
-    tokenizer: object
+    tokenizers: tuple             # each text encoder's own
     scheduler_config: dict        # the model's own noise-scheduler config, class name included
     prediction_type: str          # "epsilon" or "v_prediction"
-    family: ModelFamily           # SD1.x, SD2.x: from the text encoder's config (utils/sd/families.py)
+    family: ModelFamily           # SD1.x, SD2.x, SDXL: from the text encoders' configs (utils/sd/families.py)
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The first text encoder (SD1/SD2's only one)."""
+        return self.text_encoders[0]
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers[0]
+
+    def text_encoder_parts(self) -> list[tuple[str, torch.nn.Module]]:
+        """(diffusers subfolder, module) of each text encoder, e.g. [("text_encoder", ...), ("text_encoder_2", ...)]."""
+        return [(spec.subfolder, module) for spec, module in zip(self.family.text_encoders, self.text_encoders)]
 
 
 def _is_diffusers_folder(path: Path) -> bool:
@@ -94,18 +107,28 @@ def _download_from_hub(repo_id: str) -> Path:
     return folder
 
 
+def tokenizer_subfolder(text_encoder_subfolder: str) -> str:
+    """diffusers' naming: text_encoder -> tokenizer, text_encoder_2 -> tokenizer_2."""
+    return text_encoder_subfolder.replace("text_encoder", "tokenizer")
+
+
 def load_sd_model(folder: Path, prediction_type: str | None = None) -> SDModel:
-    """Load the five parts from a local diffusers folder (fp32; the trainer casts what it does not train).
-    prediction_type overrides the scheduler config's (for folders converted without the right setting)."""
+    """Load the parts from a local diffusers folder (fp32; the trainer casts what it does not train): UNet, VAE,
+    and the family's text encoders with their tokenizers. prediction_type overrides the scheduler config's (for
+    folders converted without the right setting)."""
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     check_diffusers_folder(folder)  # whatever the folder's origin (findlast, ema_resume_model): before any weight
+    family = family_of_folder(folder)
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.float32)
+        text_encoders = tuple(getattr(transformers, spec.transformers_class).from_pretrained(
+            folder, subfolder=spec.subfolder, torch_dtype=torch.float32) for spec in family.text_encoders)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        tokenizers = tuple(CLIPTokenizer.from_pretrained(folder, subfolder=tokenizer_subfolder(spec.subfolder))
+                           for spec in family.text_encoders)
     except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"cannot load the model in {folder}: {e}") from None
     sched_path = folder / "scheduler" / "scheduler_config.json"
@@ -116,6 +139,5 @@ def load_sd_model(folder: Path, prediction_type: str | None = None) -> SDModel:
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ConfigError(f"{sched_path}: prediction_type '{prediction_type}' is not supported "
                           f"(epsilon or v_prediction)")
-    return SDModel(folder=Path(folder), unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
-                   scheduler_config=scheduler_config, prediction_type=prediction_type,
-                   family=family_from_text_configs([text_encoder.config.to_dict()], folder / "text_encoder"))
+    return SDModel(folder=Path(folder), unet=unet, text_encoders=text_encoders, vae=vae, tokenizers=tokenizers,
+                   scheduler_config=scheduler_config, prediction_type=prediction_type, family=family)

@@ -36,15 +36,19 @@ class LossSettings:
 
 
 def compute_loss(unet, noise_scheduler, latents: Tensor, encoder_hidden_states: Tensor, generator: torch.Generator,
-                 s: LossSettings, *, loss_scale: Tensor | None = None,
-                 pixel_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(mean loss, per-sample loss detached). The caller runs this under autocast; the loss is computed in fp32."""
+                 s: LossSettings, *, loss_scale: Tensor | None = None, pixel_weight: Tensor | None = None,
+                 added_cond: dict | None = None) -> tuple[Tensor, Tensor]:
+    """(mean loss, per-sample loss detached). The caller runs this under autocast; the loss is computed in fp32.
+    added_cond: the UNet's added_cond_kwargs (SDXL's pooled text embedding and time ids), None for SD1/SD2."""
     noise = sample_noise(latents, generator, zero_frequency_noise_ratio=s.zero_frequency_noise_ratio,
                          pyramid_noise_discount=s.pyramid_noise_discount)
     timesteps = sample_timesteps(latents.shape[0], generator, start=s.timestep_start, end=s.timestep_end,
                                  device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states).sample
+    if added_cond is None:
+        pred = unet(noisy, timesteps, encoder_hidden_states).sample
+    else:
+        pred = unet(noisy, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond).sample
     target = training_target(noise_scheduler, latents, noise, timesteps)
     per_sample = loss_per_sample(pred.float(), target.float(), timesteps, loss_type=s.loss_type,
                                  num_train_timesteps=noise_scheduler.config.num_train_timesteps,

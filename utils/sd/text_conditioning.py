@@ -6,6 +6,7 @@ tokenizing, so the UNet sees the empty-caption embedding (what classifier-free g
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -50,14 +51,60 @@ def encode_prompts(text_encoder, input_ids: Tensor, *, clip_skip: int = 0) -> Te
     return final_layer_norm(text_encoder)(hidden_states[-clip_skip])
 
 
+@dataclass
+class Conditioning:
+    """What the text encoders give the UNet for a batch of captions."""
+    hidden: Tensor                 # [B, L, d]: encoder_hidden_states (cross-attention)
+    pooled: Tensor | None = None   # [B, p]: SDXL's pooled, projected embedding (added conditioning); None for SD1/2
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+
+def tokenize_all(tokenizers, captions: list[str]) -> list[Tensor]:
+    """Token ids for each text encoder's own tokenizer (SDXL's two pad differently)."""
+    return [tokenize(tokenizer, captions) for tokenizer in tokenizers]
+
+
+def one_encoder(text_encoders, input_ids: list[Tensor], *, clip_skip: int = 0) -> Conditioning:
+    """SD1/SD2: one CLIP encoder's hidden states (clip skip as encode_prompts counts it)."""
+    return Conditioning(encode_prompts(text_encoders[0], input_ids[0], clip_skip=clip_skip))
+
+
+def penultimate_concat_pooled(text_encoders, input_ids: list[Tensor], *, clip_skip: int = 0) -> Conditioning:
+    """SDXL: each encoder's penultimate hidden states (no final layer norm), concatenated along the width (768 +
+    1280 = 2048 for SDXL), and the last encoder's pooled, projected output (CLIPTextModelWithProjection's
+    text_embeds), as StableDiffusionXLPipeline builds them. clip_skip 0/1 is that layer; N >= 2 goes N - 1 layers
+    further back, as the pipeline's own clip_skip does."""
+    layer = max(clip_skip, 1) + 1
+    hidden = []
+    for text_encoder, ids in zip(text_encoders, input_ids):
+        out = text_encoder(ids, output_hidden_states=True)
+        if layer > len(out.hidden_states) - 1:
+            raise ValueError(f"clip_skip {clip_skip} is more than the text encoder's {len(out.hidden_states) - 1} "
+                             f"layers allow")
+        hidden.append(out.hidden_states[-layer])
+    return Conditioning(torch.cat(hidden, dim=-1), out.text_embeds)
+
+
 # How each model family builds the UNet's text conditioning (ModelFamily.conditioning, utils/sd/families.py): the
 # loop, validation and sampling look the function up here rather than branching on the family.
-CONDITIONING = {"hidden_states_clip_skip": encode_prompts}
+CONDITIONING = {"hidden_states_clip_skip": one_encoder, "sdxl_penultimate_concat_pooled": penultimate_concat_pooled}
 
 
-def conditioning_for(family) -> Callable[..., Tensor]:
-    """(text_encoder, input_ids, *, clip_skip) -> the UNet's encoder_hidden_states, for this family."""
+def conditioning_for(family) -> Callable[..., Conditioning]:
+    """(text_encoders, input ids per encoder, *, clip_skip) -> Conditioning, for this family."""
     return CONDITIONING[family.conditioning]
+
+
+def added_conditioning(cond: Conditioning, time_ids: Tensor | None) -> dict | None:
+    """The UNet's added_cond_kwargs: SDXL's pooled embedding and size/crop time ids; None where the family's
+    conditioning has no pooled part (SD1/SD2's UNet takes none)."""
+    if cond.pooled is None:
+        return None
+    if time_ids is None:
+        raise ValueError("this model's UNet needs size and crop time ids with each batch (SDXL)")
+    return {"text_embeds": cond.pooled, "time_ids": time_ids.to(cond.pooled.device, cond.pooled.dtype)}
 
 
 def perturb_embeddings(embeddings: Tensor, generator: torch.Generator, *, gamma: float) -> Tensor:
@@ -74,31 +121,36 @@ def perturb_embeddings(embeddings: Tensor, generator: torch.Generator, *, gamma:
 
 
 class PromptCache:
-    """Conditioning per caption string for a frozen text encoder: each distinct caption is encoded once.
+    """Conditioning per caption string for frozen text encoders: each distinct caption is encoded once.
 
     Exact (a frozen encoder in eval mode is deterministic), so it is on by default. Tag shuffling and weighted
     tags make many distinct captions: the least recently used entries go once max_bytes is reached."""
 
     def __init__(self, max_bytes: int = 2**30):
         from collections import OrderedDict
-        self.entries: OrderedDict[str, Tensor] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[Tensor, Tensor | None]] = OrderedDict()
         self.max_bytes = max_bytes
         self.bytes = 0
         self.hits = self.misses = 0
 
-    def lookup(self, captions: list[str], encode) -> Tensor:
-        """[B, L, d] for the captions; encode(list of captions) -> [n, L, d] runs for the missing ones only."""
+    def lookup(self, captions: list[str], encode: Callable[[list[str]], Conditioning]) -> Conditioning:
+        """The conditioning of the captions; encode(list of captions) runs for the missing ones only."""
         missing = list(dict.fromkeys(c for c in captions if c not in self.entries))
         self.hits += len(captions) - len(missing)
         self.misses += len(missing)
         if missing:
             with torch.no_grad():
-                for caption, hidden in zip(missing, encode(missing)):
-                    self.entries[caption] = hidden = hidden.clone()  # not a view pinning the whole batch
-                    self.bytes += hidden.numel() * hidden.element_size()
+                cond = encode(missing)
+                for i, caption in enumerate(missing):
+                    # clones: not views pinning the whole batch
+                    entry = (cond.hidden[i].clone(), None if cond.pooled is None else cond.pooled[i].clone())
+                    self.entries[caption] = entry
+                    self.bytes += sum(x.numel() * x.element_size() for x in entry if x is not None)
         for caption in captions:
             self.entries.move_to_end(caption)
         while self.bytes > self.max_bytes and len(self.entries) > len(captions):
             _, old = self.entries.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
-        return torch.stack([self.entries[c] for c in captions])
+            self.bytes -= sum(x.numel() * x.element_size() for x in old if x is not None)
+        rows = [self.entries[c] for c in captions]
+        pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
+        return Conditioning(torch.stack([r[0] for r in rows]), pooled)
