@@ -59,7 +59,9 @@ def checkpoint_weights(ckpt: Path) -> dict:
     """The trained parts' tensors of a checkpoint folder, keyed part.name."""
     from safetensors.torch import load_file
     out = {}
-    for part in ("unet", "text_encoder"):
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        if not (ckpt / part).is_dir():
+            continue  # SD1/SD2 have no second text encoder
         f = next((ckpt / part).glob("*.safetensors"))
         out.update({f"{part}.{k}": v for k, v in load_file(f).items()})
     return out

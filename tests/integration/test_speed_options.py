@@ -184,7 +184,7 @@ def test_compile_wraps_only_the_step_modules(tiny_sd_folder, dataset, tmp_path, 
         setup(run)
         models = run.models
         assert isinstance(models.unet, torch._dynamo.eval_frame.OptimizedModule)
-        assert isinstance(models.text_encoder, torch._dynamo.eval_frame.OptimizedModule)
+        assert isinstance(models.text_encoders[0], torch._dynamo.eval_frame.OptimizedModule)
         assert not isinstance(models.sd.unet, torch._dynamo.eval_frame.OptimizedModule)
         assert models.unet._orig_mod is models.sd.unet
     finally:

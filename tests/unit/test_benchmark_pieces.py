@@ -57,9 +57,10 @@ def test_sd15_training_flops_match_the_reference_count():
     """2.45 TFLOP per image with cached latents (../shared/bench/README.md counts the same way)."""
     from transformers import CLIPTextConfig
     from utils.sd.builtin_models import BUILTINS
+    from utils.sd.families import FAMILIES
     unet, clip, vae = BUILTINS["sd15"][:3]
-    flops = training_flops_per_image(unet, CLIPTextConfig(**clip), None, width=512, height=512,
-                                     train_text_encoder=True)
+    flops = training_flops_per_image(FAMILIES["sd1"], unet, [CLIPTextConfig(**clip)], None, width=512, height=512,
+                                     train_text_encoders=[True])
     assert flops / 1e12 == pytest.approx(2.45, rel=0.01)
 
 

@@ -77,7 +77,7 @@ def synthetic_data_folder(work: Path, count: int, sizes: list[tuple[int, int]]) 
 
 def run(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", choices=["sd15", "sd21", "tiny-sd"], default="sd15")
+    ap.add_argument("--arch", choices=["sd15", "sd21", "sdxl", "tiny-sd", "tiny-sdxl"], default="sd15")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--batch_size", type=int, default=6)
     ap.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
@@ -278,16 +278,17 @@ def _flop_figures(trainer, images_per_s: float, peak: float | None, work: Path) 
     """GFLOP per image (from the configs; the VAE encode counts unless latents are cached), TFLOP/s and MFU."""
     import torch
     from utils.perf.flops import peak_tflops, training_flops_per_image
-    sd, cfg, train_te = trainer.models.sd, trainer.cfg, trainer.models.train_te
+    sd, cfg, trained = trainer.models.sd, trainer.cfg, list(trainer.models.train_text_encoders)
     size = trainer.resolutions[0]  # the benchmark's square images train at the base resolution
     known = work / "flops.json"    # counting SD-sized models takes seconds: once per workdir and setting
-    key = hashlib.sha1(json.dumps([dict(sd.unet.config), sd.text_encoder.config.to_dict(), size, cfg.cache_latents,
-                                   train_te], sort_keys=True, default=str).encode()).hexdigest()
+    configs = [dict(sd.unet.config), *(te.config.to_dict() for te in sd.text_encoders)]
+    key = hashlib.sha1(json.dumps([configs, size, cfg.cache_latents, trained], sort_keys=True,
+                                  default=str).encode()).hexdigest()
     table = json.loads(known.read_text()) if known.exists() else {}
     if key not in table:
-        table[key] = training_flops_per_image(dict(sd.unet.config), sd.text_encoder.config,
-                                              None if cfg.cache_latents else dict(sd.vae.config), width=size,
-                                              height=size, train_text_encoder=train_te)
+        table[key] = training_flops_per_image(
+            sd.family, dict(sd.unet.config), [te.config for te in sd.text_encoders],
+            None if cfg.cache_latents else dict(sd.vae.config), width=size, height=size, train_text_encoders=trained)
         known.write_text(json.dumps(table))
     flops = table[key]
     tflops = flops * images_per_s / 1e12

@@ -21,26 +21,31 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def training_flops_per_image(unet_config: dict, text_encoder_config, vae_config: dict | None, *, width: int,
-                             height: int, train_text_encoder: bool, batch_size: int = 2) -> float:
-    """FLOPs of one image's training step. vae_config None: latents come from a cache (no VAE encode)."""
+def training_flops_per_image(family, unet_config: dict, text_encoder_configs: list, vae_config: dict | None, *,
+                             width: int, height: int, train_text_encoders, batch_size: int = 2) -> float:
+    """FLOPs of one image's training step of a model family's architecture, from its configs (transformers config
+    objects for the text encoders). vae_config None: latents come from a cache (no VAE encode)."""
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+
+    from utils.sd.text_conditioning import added_conditioning, conditioning_for
 
     counter = FlopCounterMode(display=False)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
-        text_encoder = CLIPTextModel(text_encoder_config)
+        encoders = [getattr(transformers, spec.transformers_class)(config).requires_grad_(trained)
+                    for spec, config, trained in zip(family.text_encoders, text_encoder_configs, train_text_encoders)]
         vae = AutoencoderKL.from_config(vae_config) if vae_config is not None else None
-        text_encoder.requires_grad_(train_text_encoder)
-        ids = torch.zeros(batch_size, text_encoder_config.max_position_embeddings, dtype=torch.long)
+        ids = [torch.zeros(batch_size, e.config.max_position_embeddings, dtype=torch.long) for e in encoders]
         latents = torch.zeros(batch_size, unet.config.in_channels, height // 8, width // 8)
         timesteps = torch.zeros(batch_size, dtype=torch.long)
         with counter:
             if vae is not None:
                 with torch.no_grad():
                     vae.encode(torch.zeros(batch_size, 3, height, width))
-            hidden = text_encoder(ids).last_hidden_state
-            pred = unet(latents, timesteps, hidden).sample
+            cond = conditioning_for(family)(encoders, ids)
+            added = added_conditioning(cond, torch.zeros(batch_size, 6))
+            kwargs = {} if added is None else {"added_cond_kwargs": added}
+            pred = unet(latents, timesteps, cond.hidden, **kwargs).sample
             pred.float().square().mean().backward()
     return counter.get_total_flops() / batch_size
