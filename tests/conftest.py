@@ -25,6 +25,13 @@ def tiny_sd_folder(tmp_path_factory) -> Path:
     return builtin_folder("tiny-sd", tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory) -> Path:
+    """The built-in tiny SDXL model (two text encoders, fixed seeds) saved once per test run."""
+    from utils.sd.builtin_models import builtin_folder
+    return builtin_folder("tiny-sdxl", tmp_path_factory.mktemp("models"))
+
+
 def pytest_configure(config):
     """Triton kernels (optimizer/triton8bit.py) run on CPU tensors in Triton's interpreter. It must be switched on
     before triton is imported (triton.language's own functions are built then): here, before any test module is.

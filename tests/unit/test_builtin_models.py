@@ -63,3 +63,44 @@ def test_builtin_quickstart_model_is_the_same_on_every_build(tmp_path):
     assert all((a / p).read_bytes() == (b / p).read_bytes() for p in files)
     sched = (a / "scheduler" / "scheduler_config.json").read_text()
     assert '"v_prediction"' in sched
+
+
+def test_tiny_sdxl_loads_as_an_sdxl_pipeline_and_samples(tiny_sdxl_folder):
+    from diffusers import StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_folder)
+    te1, te2, unet = pipe.text_encoder, pipe.text_encoder_2, pipe.unet
+    assert type(te2).__name__ == "CLIPTextModelWithProjection"
+    assert unet.config.cross_attention_dim == te1.config.hidden_size + te2.config.hidden_size
+    add_time = unet.config.addition_time_embed_dim
+    assert unet.config.projection_class_embeddings_input_dim == te2.config.projection_dim + 6 * add_time
+    assert pipe.tokenizer.pad_token == "<|endoftext|>" and pipe.tokenizer_2.pad_token == "!"
+    assert pipe.tokenizer_2.pad_token_id == te2.config.pad_token_id
+    assert pipe.vae.config.scaling_factor == 0.13025
+    proj = te2.text_projection.weight
+    assert proj.shape == (te2.config.projection_dim, te2.config.hidden_size)  # 12 x 24: a transposition shows
+    square = proj[:, :proj.shape[0]]
+    assert not torch.allclose(square, square.T)
+    images = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+def test_tiny_sdxl_is_the_same_on_every_build(tmp_path):
+    a, b = builtin_folder("tiny-sdxl", tmp_path / "a"), builtin_folder("tiny-sdxl", tmp_path / "b")
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert {"text_encoder_2", "tokenizer_2"} <= {p.parts[0] for p in files}
+    assert all((a / p).read_bytes() == (b / p).read_bytes() for p in files)
+
+
+def test_builtin_sdxl_is_the_sdxl_1_0_base_architecture():
+    """Built on the meta device (no memory, no time): the published parameter counts of SDXL 1.0 base."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from utils.sd.builtin_models import SECOND_TEXT_ENCODER
+    unet_kw, clip_kw, vae_kw, _, _ = BUILTINS["sdxl"]
+    with torch.device("meta"):
+        parts = [UNet2DConditionModel(**unet_kw), CLIPTextModel(CLIPTextConfig(**clip_kw)),
+                 CLIPTextModelWithProjection(CLIPTextConfig(**SECOND_TEXT_ENCODER["sdxl"])), AutoencoderKL(**vae_kw)]
+    counts = [sum(p.numel() for p in m.parameters()) for m in parts]
+    assert counts == [2_567_463_684, 123_060_480, 694_659_840, 83_653_863]

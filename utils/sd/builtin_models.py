@@ -14,6 +14,12 @@ It has its own name, so a cached tiny-sd folder (built once per logdir) never st
 `builtin:sd15` and `builtin:sd21` are the real SD1.5 and SD2.1 (768-v) architectures with random weights, for speed
 and memory benchmarks (speed does not depend on the values). All share a generated character-level CLIP tokenizer,
 so nothing is fetched from a hub.
+`builtin:tiny-sdxl` is an SDXL-shaped model as small as tiny-sd: two text encoders (CLIPTextModel, hidden 16, and
+CLIPTextModelWithProjection, hidden 24 projected to 12: the UNet's cross-attention takes their 40 concatenated
+channels, its "text_time" added embedding the 12 pooled ones plus six size/crop numbers), a 3-level UNet whose first
+level has no attention and whose last has 2 transformer layers, as SDXL's. Its text projection is a random 12 x 24
+matrix, so a converter that forgets OpenCLIP's transposition fails on shapes, not silently. `builtin:sdxl` is the
+real SDXL 1.0 base architecture (2.6G UNet parameters) with random weights, for benchmarks only.
 """
 from __future__ import annotations
 
@@ -53,6 +59,34 @@ _SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownE
 _SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                   num_train_timesteps=1000, steps_offset=1)
 
+# SDXL: a UNet with the "text_time" added embedding (pooled text of the second encoder + 6 sinusoidal size/crop
+# numbers of addition_time_embed_dim each), cross-attention over both encoders' hidden states concatenated.
+_TINY_CLIP_2 = {**_TINY_CLIP, "hidden_size": 24, "intermediate_size": 48, "projection_dim": 12, "hidden_act": "gelu",
+                "pad_token_id": 33}   # tokenizer_2 pads with "!" (id 33 in the character vocabulary), as OpenCLIP
+_TINY_SDXL_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16, 32),
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                       transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8), norm_num_groups=4,
+                       use_linear_projection=True, cross_attention_dim=16 + 24, addition_embed_type="text_time",
+                       addition_time_embed_dim=4, projection_class_embeddings_input_dim=12 + 6 * 4)
+_SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, act_fn="silu",
+                  block_out_channels=(320, 640, 1280), norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                  use_linear_projection=True, cross_attention_dim=2048, addition_embed_type="text_time",
+                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+_SDXL_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                    bos_token_id=512, eos_token_id=513, pad_token_id=513)
+_SDXL_CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                    num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+                    bos_token_id=512, eos_token_id=513, pad_token_id=33)
+# SDXL's scheduler is SD's noise schedule with "leading" spacing; its VAE is SD's with a smaller latent scale and
+# fp32 decoding in fp16 pipelines (force_upcast).
+_SDXL_SCHEDULER = {**_SCHEDULER, "timestep_spacing": "leading"}
+_SDXL_VAE_SCALE = dict(scaling_factor=0.13025, force_upcast=True)
+
 # name -> (unet kwargs, CLIP text config, VAE kwargs, scheduler kwargs, tokenizer max length)
 BUILTINS = {
     "tiny-sd": (_TINY_UNET, _TINY_CLIP, _TINY_VAE, _SCHEDULER, 16),
@@ -71,7 +105,12 @@ BUILTINS = {
                   num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
                   bos_token_id=512, eos_token_id=513, pad_token_id=513),
              {**_SD_VAE, "sample_size": 768}, {**_SCHEDULER, "prediction_type": "v_prediction"}, 77),
+    "tiny-sdxl": (_TINY_SDXL_UNET, _TINY_CLIP, {**_TINY_VAE, **_SDXL_VAE_SCALE}, _SDXL_SCHEDULER, 16),
+    "sdxl": (_SDXL_UNET, _SDXL_CLIP_L, {**_SD_VAE, **_SDXL_VAE_SCALE, "sample_size": 1024}, _SDXL_SCHEDULER, 77),
 }
+# The second text encoder (text_encoder_2/, CLIPTextModelWithProjection, tokenizer_2/ padding with "!") of the
+# built-ins that have one; their model_index.json names StableDiffusionXLPipeline.
+SECOND_TEXT_ENCODER = {"tiny-sdxl": _TINY_CLIP_2, "sdxl": _SDXL_CLIP_G}
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -87,8 +126,9 @@ def _byte_to_unicode() -> dict[int, str]:
     return table
 
 
-def write_tokenizer(folder: Path, max_length: int) -> None:
-    """A character-level CLIP tokenizer: 256 byte symbols, the same with `</w>`, then the two specials."""
+def write_tokenizer(folder: Path, max_length: int, pad_token: str = "<|endoftext|>") -> None:
+    """A character-level CLIP tokenizer: 256 byte symbols, the same with `</w>`, then the two specials.
+    pad_token "!" is OpenCLIP's padding (SD2's and SDXL's second tokenizer)."""
     folder.mkdir(parents=True, exist_ok=True)
     symbols = [_byte_to_unicode()[b] for b in range(256)]
     vocab = {s: i for i, s in enumerate(symbols)}
@@ -97,18 +137,18 @@ def write_tokenizer(folder: Path, max_length: int) -> None:
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad_token,
          "unk_token": "<|endoftext|>"}), encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
-         "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}),
+         "eos_token": "<|endoftext|>", "pad_token": pad_token, "unk_token": "<|endoftext|>"}),
         encoding="utf-8")
 
 
 def write_builtin(name: str, folder: Path) -> Path:
     """Build the named model with fixed seeds and save it as a diffusers folder (the real loading path reads it)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if name not in BUILTINS:
         raise KeyError(name)
@@ -127,12 +167,22 @@ def write_builtin(name: str, folder: Path) -> Path:
     vae.save_pretrained(folder / "vae")
     scheduler.save_pretrained(folder / "scheduler")
     write_tokenizer(folder / "tokenizer", max_len)
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"]}, indent=2), encoding="utf-8")
+    parts = {"scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    if name in SECOND_TEXT_ENCODER:
+        torch.manual_seed(3)
+        CLIPTextModelWithProjection(CLIPTextConfig(**SECOND_TEXT_ENCODER[name])).save_pretrained(
+            folder / "text_encoder_2")
+        write_tokenizer(folder / "tokenizer_2", max_len, pad_token="!")
+        index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True, **parts,
+                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                 "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+    else:
+        index = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
+                 "requires_safety_checker": False, "safety_checker": [None, None], **parts}
+    (folder / "model_index.json").write_text(json.dumps({"_diffusers_version": "0.42.1", **index}, indent=2),
+                                             encoding="utf-8")
     return folder
 
 
