@@ -9,12 +9,6 @@ import torch
 from tests.integration.conftest import base_args, checkpoint_weights, only_run, read_metrics, run_train
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl_folder(tmp_path_factory) -> Path:
-    from utils.sd.builtin_models import builtin_folder
-    return builtin_folder("tiny-sdxl", tmp_path_factory.mktemp("sdxl"))
-
-
 def final_ckpt(logdir: Path) -> Path:
     ckpts = [p for p in (only_run(logdir) / "ckpts").iterdir() if p.is_dir() and not p.name.startswith(".")]
     return max((p for p in ckpts if not p.name.endswith("_ema")), key=lambda p: int(p.name.rsplit("gs", 1)[1]))
