@@ -1,7 +1,8 @@
-"""Optimizers and LR schedulers for the UNet and the text encoder, from a resolved OptimizerConfig.
+"""Optimizers and LR schedulers for the UNet and the text encoders, from a resolved OptimizerConfig.
 
-Each trained model gets its own optimizer (one parameter group) and its own LambdaLR over
-optimizer/schedules.py; the trainer steps both once per optimizer step, after optimizer.step().
+Each trained model (UNet, text_encoder, SDXL's text_encoder_2) gets its own optimizer (one parameter group) and
+its own LambdaLR over optimizer/schedules.py; the trainer steps them all once per optimizer step, after
+optimizer.step().
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import io
 import math
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 
-from optimizer.config import (ADAPTIVE_OPTIMIZERS, DECAYING_SCHEDULERS, SCHEDULE_FREE_OPTIMIZERS, OptimizerConfig,
-                              PartSettings, Warn, stderr_warn)
+from optimizer.config import (ADAPTIVE_OPTIMIZERS, DECAYING_SCHEDULERS, OVERRIDES_SECTION, SCHEDULE_FREE_OPTIMIZERS,
+                              TEXT_ENCODERS, OptimizerConfig, PartSettings, Warn, stderr_warn)
 from optimizer.freezing import FreezePlan, apply_text_encoder_freezing
 from optimizer.schedules import lr_multiplier, resolve_schedule_steps
 from utils.core.config_schema import ConfigError
@@ -28,14 +29,14 @@ SCALE_LR_EXPONENT = 0.55
 
 @dataclass
 class OptimizerPart:
-    name: str                                          # "unet" or "text_encoder"
+    name: str                                          # "unet", "text_encoder" or "text_encoder_2"
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler    # step once per optimizer step
     params: list[torch.nn.Parameter]                   # the trainable parameters (for grad clipping / norms)
     settings: PartSettings | None = None               # resolved: scaled lr, warmup and decay steps filled in
     total_params: int = 0                              # trainable or not, for the run summary
     lr_scale: float = 1.0                              # the scale_lr factor applied to settings' lr
-    freeze_plan: FreezePlan | None = None              # text encoder only
+    freeze_plan: FreezePlan | None = None              # text encoders only
 
 
 def scale_lr_factor(batch_size: int, grad_accum: int) -> float:
@@ -191,17 +192,27 @@ def _lr_scale_for(name: str, s: PartSettings, scale: float, warn: Warn) -> float
     return scale
 
 
-def fused_backward_problems(opt_cfg: OptimizerConfig, *, train_unet: bool, train_te: bool, grad_accum: int,
-                            clip_grad_norm: float | None, fp16: bool, processes: int) -> list[str]:
+def fused_backward_problems(opt_cfg: OptimizerConfig, *, train_unet: bool,
+                            train_text_encoders: Collection[str] = (), grad_accum: int,
+                            clip_grad_norm: float | None, fp16: bool, processes: int,
+                            train_te: bool | None = None) -> list[str]:
     """Why train.json's fused_backward_pass cannot run with these settings (empty: it can). Each chunk of the
     grouped 8-bit step is applied as the backward pass completes its gradients, so nothing may need all the
     gradients at once (clipping, an fp16 GradScaler's overflow check, DDP's all-reduce) or several backward
-    passes (grad_accum)."""
+    passes (grad_accum). train_text_encoders: the names of the text encoders the run trains (those whose
+    freezing section says freeze_all are skipped). train_te: the one-encoder form, kept until the caller passes
+    train_text_encoders; true means ("text_encoder",)."""
+    if train_te is not None:
+        train_text_encoders = ("text_encoder",) if train_te else ()
+    trained = ["unet"] if train_unet else []
+    trained += [te for te in TEXT_ENCODERS if te in _checked_names(train_text_encoders)
+                and opt_cfg.trains_text_encoder(te)]
     problems = []
-    for name, s, trained in (("base", opt_cfg.unet, train_unet),
-                             ("text_encoder_overrides", opt_cfg.text_encoder, train_te)):
-        if trained and s.optimizer not in GROUPED_8BIT_OPTIMIZERS:
-            problems.append(f"optimizer.json {name}: optimizer {s.optimizer!r}: use adamw8bit or lion8bit")
+    for part in trained:
+        s = opt_cfg.settings(part)
+        if s.optimizer not in GROUPED_8BIT_OPTIMIZERS:
+            problems.append(f"optimizer.json {OVERRIDES_SECTION[part]}: optimizer {s.optimizer!r}: use adamw8bit "
+                            f"or lion8bit")
     if not opt_cfg.grouped_8bit_step:
         problems.append("optimizer.json grouped_8bit_step is false: set it to true")
     if grad_accum != 1:
@@ -217,40 +228,61 @@ def fused_backward_problems(opt_cfg: OptimizerConfig, *, train_unet: bool, train
     return problems
 
 
+def _checked_names(names: Collection[str]) -> Collection[str]:
+    if unknown := [n for n in names if n not in TEXT_ENCODERS]:
+        raise ValueError(f"unknown text encoder {unknown[0]!r}; valid: {', '.join(TEXT_ENCODERS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a text encoder is named twice: {list(names)}")
+    return names
+
+
+_LEGACY = object()
+
+
 def build_optimizer_parts(opt_cfg: OptimizerConfig, *, unet: torch.nn.Module | None,
-                          text_encoder: torch.nn.Module | None, total_steps: int, batch_size: int, grad_accum: int,
-                          scale_lr: bool = False, device_type: str = "cuda",
-                          warn: Warn | None = None) -> list[OptimizerPart]:
-    """One OptimizerPart per trained model. None = that model is not trained: the caller freezes it
-    (module.requires_grad_(False)); this function never sees it. The text encoder's freezing is applied first.
-    Sets requires_grad on every parameter of the models it is given. total_steps = optimizer steps of the run
-    (for the automatic warmup/decay); batch_size (summed over GPUs) and grad_accum only feed scale_lr.
-    Raises ConfigError."""
+                          text_encoders: Sequence[tuple[str, torch.nn.Module | None]] = (), total_steps: int,
+                          batch_size: int, grad_accum: int, scale_lr: bool = False, device_type: str = "cuda",
+                          warn: Warn | None = None, text_encoder=_LEGACY) -> list[OptimizerPart]:
+    """One OptimizerPart per trained model, named "unet", "text_encoder", "text_encoder_2", in that order.
+    text_encoders: (name, module) pairs, name "text_encoder" or "text_encoder_2" (SD1/SD2 pass only the
+    first); module None = that encoder is not trained. None (also unet=None): the caller freezes that model
+    (module.requires_grad_(False)); this function never sees it. Each text encoder's freezing section is applied
+    first (freeze_all, or nothing left to train: it gets no part); the caller should pass None for an encoder
+    whose opt_cfg.trains_text_encoder(name) is false. Sets requires_grad on every parameter of the models it is
+    given. total_steps = optimizer steps of the run (for the automatic warmup/decay); batch_size (summed over
+    GPUs) and grad_accum only feed scale_lr. text_encoder=module: the one-encoder form, kept until the caller
+    passes text_encoders. Raises ConfigError."""
     warn = warn or stderr_warn
+    if text_encoder is not _LEGACY:
+        if text_encoders:
+            raise ValueError("pass text_encoders or text_encoder, not both")
+        text_encoders = [("text_encoder", text_encoder)]
+    _checked_names([name for name, _ in text_encoders])
     if total_steps < 1 or batch_size < 1 or grad_accum < 1:
         raise ValueError(f"total_steps, batch_size and grad_accum must be at least 1, "
                          f"got {total_steps}, {batch_size}, {grad_accum}")
     scale = scale_lr_factor(batch_size, grad_accum) if scale_lr else 1.0
+
+    def part(name: str, params: list[torch.nn.Parameter], total: int, plan: FreezePlan | None) -> OptimizerPart:
+        settings = opt_cfg.settings(name)
+        return build_part(name, settings, params, total_steps=total_steps,
+                          lr_scale=_lr_scale_for(name, settings, scale, warn), device_type=device_type, warn=warn,
+                          total_params=total, freeze_plan=plan, grouped_8bit_step=opt_cfg.grouped_8bit_step,
+                          triton_8bit_step=opt_cfg.triton_8bit_step)
+
     parts = []
     if unet is not None:
         unet.requires_grad_(True)
         params = list(unet.parameters())
-        parts.append(build_part("unet", opt_cfg.unet, params, total_steps=total_steps,
-                                lr_scale=_lr_scale_for("unet", opt_cfg.unet, scale, warn), device_type=device_type,
-                                warn=warn, total_params=sum(p.numel() for p in params),
-                                grouped_8bit_step=opt_cfg.grouped_8bit_step,
-                                triton_8bit_step=opt_cfg.triton_8bit_step))
-    if text_encoder is not None:
-        params, plan = apply_text_encoder_freezing(text_encoder, opt_cfg.text_encoder_freezing, warn)
-        total = sum(p.numel() for p in text_encoder.parameters())
+        parts.append(part("unet", params, sum(p.numel() for p in params), None))
+    given = dict(text_encoders)
+    for name in (te for te in TEXT_ENCODERS if given.get(te) is not None):
+        module, section = given[name], f"{name}_freezing"
+        params, plan = apply_text_encoder_freezing(module, opt_cfg.freezing(name), warn, section)
         if params:
-            parts.append(build_part("text_encoder", opt_cfg.text_encoder, params, total_steps=total_steps,
-                                    lr_scale=_lr_scale_for("text_encoder", opt_cfg.text_encoder, scale, warn),
-                                    device_type=device_type, warn=warn, total_params=total, freeze_plan=plan,
-                                    grouped_8bit_step=opt_cfg.grouped_8bit_step,
-                                    triton_8bit_step=opt_cfg.triton_8bit_step))
-        else:
-            warn("text_encoder_freezing freezes every text-encoder parameter: the text encoder is not trained")
+            parts.append(part(name, params, sum(p.numel() for p in module.parameters()), plan))
+        elif not opt_cfg.freezing(name).freeze_all:
+            warn(f"{section} freezes every {name} parameter: {name} is not trained")
     if not parts:
         raise ConfigError("nothing to train: no UNet and no trainable text-encoder parameter")
     return parts

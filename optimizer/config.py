@@ -1,11 +1,14 @@
 """optimizer.json: UNet and text-encoder optimizer settings, read as strictly as train.json.
 
 The file keeps EveryDream2's layout (`base`, `text_encoder_overrides`, `text_encoder_freezing`, `doc`) so its
-users' files load. Resolution order for each value, highest first:
-    lr only: `lr` from train.json / the command line (lr_override), for UNet and text encoder alike
-    text encoder only: `text_encoder_overrides` (null inherits; a literal 0 is kept)
+users' files load; SDXL's second text encoder adds `text_encoder_2_overrides` and `text_encoder_2_freezing`.
+Resolution order for each value, highest first:
+    lr only: `lr` from train.json / the command line (lr_override), for the UNet and every text encoder alike
+    second text encoder only: `text_encoder_2_overrides` (null inherits; a literal 0 is kept)
+    text encoders only: `text_encoder_overrides`
     `base`
     the chosen optimizer's own default (OPTIMIZER_DEFAULTS)
+Freezing does not inherit: each encoder has its own section (their layer counts differ).
 `lr_warmup_steps` / `lr_decay_steps` left null are resolved later from the run length (optimizer/schedules.py).
 """
 from __future__ import annotations
@@ -15,129 +18,14 @@ import json
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
-from utils.core.config_schema import (ConfigError, check_fields, describe_type, did_you_mean, doc, field_default,
-                                 null_meaning, read_json, schema_fields, to_jsonable)
-
-CONFIG_VERSION = 1
-
-OPTIMIZERS = ("adamw8bit", "adamw", "lion", "lion8bit", "prodigy", "dadapt_adam", "dadapt_lion", "dadapt_sgd",
-              "adafactor", "adamw_schedulefree")
-# These estimate the step size themselves; their lr is a multiplier on that estimate (usually 1.0).
-ADAPTIVE_OPTIMIZERS = frozenset({"prodigy", "dadapt_adam", "dadapt_lion", "dadapt_sgd"})
-# These need optimizer.train() / .eval() around evaluation and saving, and bring their own warmup.
-SCHEDULE_FREE_OPTIMIZERS = frozenset({"adamw_schedulefree"})
-
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                 "cosine_with_hard_restarts", "polynomial", "rex")
-DECAYING_SCHEDULERS = frozenset(LR_SCHEDULERS) - {"constant", "constant_with_warmup"}
-
-# EveryDream2 optimizer names this trainer does not offer, with what to use instead.
-UNSUPPORTED_EVERYDREAM2_OPTIMIZERS = {
-    "dadapt_adan": "EveryDream2's dadapt_adan is not supported; dadapt_adam or prodigy are the closest",
-    "coordinate_dowg": "EveryDream2's DoWG optimizers are not supported; prodigy is the closest",
-    "scalar_dowg": "EveryDream2's DoWG optimizers are not supported; prodigy is the closest",
-    "adacoor": "EveryDream2's adacoor is not supported; prodigy is the closest",
-}
-# EveryDream2 per-part keys with no meaning here: accepted with a warning so its files still load.
-IGNORED_EVERYDREAM2_PART_KEYS = {"no_prox": "only EveryDream2's dadapt_adan read it"}
-
-OptimizerName = Literal[OPTIMIZERS]  # type: ignore[valid-type]
-SchedulerName = Literal[LR_SCHEDULERS]  # type: ignore[valid-type]
-
-
-@dataclass
-class PartSettings:
-    """One optimizer + LR schedule. In `base` a null takes the default; in `text_encoder_overrides` it inherits."""
-    optimizer: OptimizerName | None = doc(None, "Optimizer (see the table of optimizers). Default adamw8bit.")
-    lr: float | None = doc(None, "Peak learning rate. Default depends on the optimizer: 1e-6 (AdamW family, "
-                                 "adafactor), 1e-7 (lion, lion8bit), 1.0 (prodigy, dadapt_*: a multiplier on the "
-                                 "step size they estimate).", minimum=0.0)
-    lr_scheduler: SchedulerName | None = doc(None, "LR schedule (see the formulas). Default constant.")
-    lr_warmup_steps: int | None = doc(None, "Optimizer steps of linear warmup. Default: 0 for constant and rex, "
-                                            "else 2% of lr_decay_steps.", minimum=0)
-    lr_decay_steps: int | None = doc(None, "Optimizer step at which the schedule reaches its end value (warmup "
-                                           "included). Default: the run's total optimizer steps.", minimum=1)
-    lr_num_cycles: float | None = doc(None, "cosine_with_restarts / cosine_with_hard_restarts: how many times the "
-                                            "LR falls from peak to minimum. Default 3.", minimum=1.0)
-    lr_power: float | None = doc(None, "polynomial: exponent of the decay. Default 1.0 (linear).", minimum=0.0)
-    lr_min_factor: float | None = doc(None, "Decaying schedules end at lr * lr_min_factor instead of 0. "
-                                            "Default 0.0.", minimum=0.0, maximum=1.0)
-    betas: list[float] | None = doc(None, "Moment decay rates [beta1, beta2]. Default [0.9, 0.999]; lion, "
-                                          "lion8bit, dadapt_lion [0.9, 0.99]; adafactor reads beta1 only, "
-                                          "default [0.0] (0: no first moment, saves memory).",
-                                    minimum=0.0, maximum=1.0)
-    epsilon: float | None = doc(None, "Denominator term for numerical stability. Default 1e-8 (adafactor: 1e-30, "
-                                      "its eps1).", minimum=0.0)
-    weight_decay: float | None = doc(None, "Decoupled weight decay. Default 0.01 (lion, lion8bit: 0.1).",
-                                     minimum=0.0)
-    d0: float | None = doc(None, "prodigy, dadapt_*: initial step-size estimate. Default 1e-6.", minimum=0.0)
-    d_coef: float | None = doc(None, "prodigy: multiplier on the estimated step size. Default 1.0.", minimum=0.0)
-    decouple: bool | None = doc(None, "prodigy, dadapt_adam: AdamW-style decoupled weight decay. Default true.")
-    growth_rate: float | None = doc(None, "prodigy, dadapt_adam, dadapt_sgd: cap on how fast the step-size "
-                                          "estimate may grow per step. Default unlimited (written Infinity in "
-                                          "a saved optimizer.json).", minimum=1.0, allow_infinity=True)
-    safeguard_warmup: bool | None = doc(None, "prodigy: keep the LR warmup out of the step-size estimate "
-                                              "(recommended with warmup). Default true.")
-    use_bias_correction: bool | None = doc(None, "prodigy, dadapt_adam: Adam bias correction. Default true for "
-                                                 "prodigy (its authors' advice for diffusion models), false for "
-                                                 "dadapt_adam.")
-    momentum: float | None = doc(None, "dadapt_sgd: momentum. Default 0.0.", minimum=0.0, maximum=1.0)
-    scale_parameter: bool | None = doc(None, "adafactor: scale the LR by each tensor's RMS. Default false.")
-    clip_threshold: float | None = doc(None, "adafactor: RMS clipping of the update. Default 1.0.", minimum=0.0)
-    decay_rate: float | None = doc(None, "adafactor: exponent of the second-moment decay. Default -0.8.",
-                                   minimum=-1.0, maximum=0.0)
-    r: float | None = doc(None, "adamw_schedulefree: polynomial weighting power of the average. Default 0.0.",
-                          minimum=0.0)
-    weight_lr_power: float | None = doc(None, "adamw_schedulefree: weight of each step in the average is "
-                                              "lr^weight_lr_power. Default 2.0.", minimum=0.0)
-
-
-# What a null does in base / text_encoder_overrides, the same for every key (inherit, with_defaults): the docs'
-# null column for PartSettings.
-PART_NULL = "in base: the default given in the meaning; in text_encoder_overrides: base's value"
-
-
-@dataclass
-class FreezeSettings:
-    """Which text-encoder parameters stay frozen (requires_grad False, not in the optimizer)."""
-    unfreeze_last_n_layers: int | None = doc(None, "Train only the last N encoder layers (0: none).", minimum=0,
-                                             null="train all layers")
-    freeze_embeddings: bool | None = doc(None, "Freeze token and position embeddings.",
-                                         null="frozen exactly when unfreeze_last_n_layers leaves some layers "
-                                              "frozen (EveryDream2)")
-    freeze_final_layer_norm: bool | None = doc(None, "Freeze the final layer norm.", null="false")
-    freeze_front_n_layers: int | None = doc(None, "Legacy EveryDream2 key: freeze the first N layers (negative "
-                                                  "N: train only the last -N). Prefer unfreeze_last_n_layers.",
-                                            null="not used")
-
-
-@dataclass
-class _OptimizerFile:
-    """The top level of optimizer.json."""
-    config_version: int = doc(CONFIG_VERSION, "Version of this file's format.", minimum=1, maximum=CONFIG_VERSION)
-    base: dict | None = doc(None, "Settings for the UNet and the defaults for the text encoder (keys below).",
-                            null="every key its default")
-    text_encoder_overrides: dict | None = doc(None, "Text-encoder settings; same keys as base; null or missing "
-                                                    "values inherit from base.", null="all from base")
-    text_encoder_freezing: dict | None = doc(None, "Partial text-encoder freezing (keys below).",
-                                             null="no freezing")
-    text_encoder_lr_scale: float | None = doc(None, "EveryDream2 key: when the text encoder inherits its lr from "
-                                                    "base, multiply it by this.", minimum=0.0, null="no scaling")
-    apply_grad_scaler_step_tweaks: bool = doc(True, "fp16 only: slow the GradScaler's growth at optimizer steps "
-                                                    "500/1000/2000/4000 (EveryDream2).")
-    log_grad_norm: bool = doc(True, "Log each part's gradient norm at every logged optimizer step.")
-    grouped_8bit_step: bool = doc(True, "adamw8bit, lion8bit: step groups of tensors at once with bitsandbytes' "
-                                        "kernels (the same math, much faster on the GPU); false: bitsandbytes' "
-                                        "own classes, one tensor at a time. Checkpoints' optimizer state loads "
-                                        "only with the setting it was saved with.")
-    triton_8bit_step: bool = doc(False, "adamw8bit with grouped_8bit_step, on CUDA: our Triton kernel for the 8-bit "
-                                        "update (reads gradients and writes weights in place, all tensors in one "
-                                        "launch; the same state format, not bit-identical; faster, doc/OPTIMIZER.md "
-                                        "has the measurement). lion8bit keeps bitsandbytes' kernel.")
-    # last: from here on the class body's `doc` is this field, not the helper
-    doc: Any = doc(None, "Free text (string, list or object), ignored; optional.", null="ignored")
+# callers import these from here too (optimizer.config held them before optimizer/schema.py)
+from optimizer.schema import (ADAPTIVE_OPTIMIZERS, CONFIG_VERSION, DECAYING_SCHEDULERS, IGNORED_EVERYDREAM2_PART_KEYS,
+                              LR_SCHEDULERS, OPTIMIZERS, OVERRIDES_SECTION, SCHEDULE_FREE_OPTIMIZERS, SECTIONS,
+                              TEXT_ENCODERS, UNSUPPORTED_EVERYDREAM2_OPTIMIZERS, FreezeSettings, PartSettings,
+                              _OptimizerFile, keys_markdown)
+from utils.core.config_schema import ConfigError, check_fields, did_you_mean, read_json, to_jsonable
 
 
 @dataclass
@@ -151,6 +39,34 @@ class OptimizerConfig:
     grouped_8bit_step: bool = True
     triton_8bit_step: bool = False
     source: str = "defaults"
+    text_encoder_2: PartSettings | None = None     # None: the same as text_encoder (what the file gives unset)
+    text_encoder_2_freezing: FreezeSettings = dataclasses.field(default_factory=FreezeSettings)
+
+    def __post_init__(self):
+        if self.text_encoder_2 is None:
+            self.text_encoder_2 = dataclasses.replace(self.text_encoder, betas=_copy(self.text_encoder.betas))
+
+    def settings(self, part: str) -> PartSettings:
+        """The resolved settings of "unet", "text_encoder" or "text_encoder_2"."""
+        return getattr(self, _part_name(part, OVERRIDES_SECTION))
+
+    def freezing(self, text_encoder: str) -> FreezeSettings:
+        return getattr(self, f"{_part_name(text_encoder, TEXT_ENCODERS)}_freezing")
+
+    def trains_text_encoder(self, text_encoder: str) -> bool:
+        """False when its freezing section says freeze_all: the caller then passes it to build_optimizer_parts as
+        None and treats it as frozen (as train.json's disable_textenc_training does for all of them)."""
+        return not self.freezing(text_encoder).freeze_all
+
+
+def _part_name(name: str, names) -> str:
+    if name not in names:
+        raise ValueError(f"unknown part {name!r}{did_you_mean(name, names)}; valid: {', '.join(names)}")
+    return name
+
+
+def _copy(value):
+    return list(value) if isinstance(value, list) else value
 
 
 # What each optimizer reads besides lr, and its default for each. A key the optimizer does not read is set to
@@ -197,8 +113,8 @@ def stderr_warn(msg: str) -> None:
 
 def inherit(overrides: PartSettings, base: PartSettings) -> PartSettings:
     """overrides where set, else base. `is None`, not `or`: a literal 0 or false in overrides is kept."""
-    return PartSettings(**{f.name: getattr(base, f.name) if getattr(overrides, f.name) is None
-                           else getattr(overrides, f.name) for f in dataclasses.fields(PartSettings)})
+    return PartSettings(**{f.name: _copy(getattr(base, f.name) if getattr(overrides, f.name) is None
+                                         else getattr(overrides, f.name)) for f in dataclasses.fields(PartSettings)})
 
 
 def with_defaults(settings: PartSettings) -> PartSettings:
@@ -210,7 +126,7 @@ def with_defaults(settings: PartSettings) -> PartSettings:
     for key in OPTIMIZER_KEYS | SCHEDULER_KEYS | {"lr"}:
         value = getattr(settings, key)
         if value is None and key in used:
-            value = list(used[key]) if isinstance(used[key], list) else used[key]  # no list shared between parts
+            value = _copy(used[key])  # no list shared between parts
         values[key] = value if key in used else None
     values["lr_warmup_steps"] = settings.lr_warmup_steps
     values["lr_decay_steps"] = settings.lr_decay_steps
@@ -234,9 +150,23 @@ def _check_choice(raw: dict, key: str, choices: tuple[str, ...], source: str, pr
     return {k: v for k, v in raw.items() if k != key}
 
 
-def _read_part(raw: Any, source: str, problems: list[str], warn: Warn) -> PartSettings:
+# Keys one may guess for switching a model's training off; for a text encoder it is its freezing section's
+# freeze_all, for the UNet train.json's disable_unet_training.
+_TRAINING_SWITCH_GUESSES = frozenset({"train", "trainable", "enabled", "freeze", "frozen", "freeze_all"})
+
+
+def _without_switch_guesses(raw: dict, source: str, fix: str, problems: list[str], valid=frozenset()) -> dict:
+    guesses = sorted(k for k in raw if k in _TRAINING_SWITCH_GUESSES - valid)
+    problems += [f"{source}: unknown key '{key}' ({fix})" for key in guesses]
+    return {k: v for k, v in raw.items() if k not in guesses}
+
+
+def _read_part(raw: Any, source: str, problems: list[str], warn: Warn, part: str = "unet") -> PartSettings:
     if raw is None:
         return PartSettings()
+    fix = ("train.json's disable_unet_training freezes the UNet" if part == "unet" else
+           f"to freeze this text encoder set \"freeze_all\": true in {part}_freezing")
+    raw = _without_switch_guesses(raw, source, fix, problems)
     raw = _check_choice(raw, "optimizer", OPTIMIZERS, source, problems)
     raw = _check_choice(raw, "lr_scheduler", LR_SCHEDULERS, source, problems)
     ignored = sorted(k for k in raw if k in IGNORED_EVERYDREAM2_PART_KEYS)
@@ -250,7 +180,8 @@ def _read_part(raw: Any, source: str, problems: list[str], warn: Warn) -> PartSe
 def _read_freezing(raw: Any, source: str, problems: list[str], warn: Warn) -> FreezeSettings:
     if raw is None:
         return FreezeSettings()
-    raw = dict(raw)
+    raw = _without_switch_guesses(raw, source, "did you mean freeze_all? true freezes the whole encoder", problems,
+                                  valid=frozenset({"freeze_all"}))
     if "unfreeze_final_n_layers" in raw:  # the name EveryDream2's OPTIMIZER.md used; its code read the other
         warn(f"{source}: 'unfreeze_final_n_layers' is read as 'unfreeze_last_n_layers'")
         if "unfreeze_last_n_layers" in raw:
@@ -269,34 +200,56 @@ def _read_freezing(raw: Any, source: str, problems: list[str], warn: Warn) -> Fr
         else:
             warn(f"{source}: 'freeze_front_n_layers' is deprecated; converted to unfreeze_last_n_layers = "
                  f"(text-encoder layers - {front}) when the model is loaded")
+    if freezing.freeze_all:
+        trains = [k for k, trains_some in (("unfreeze_last_n_layers", bool(freezing.unfreeze_last_n_layers)),
+                                           ("freeze_front_n_layers", freezing.freeze_front_n_layers is not None),
+                                           ("freeze_embeddings", freezing.freeze_embeddings is False)) if trains_some]
+        if trains:
+            problems.append(f"{source}: freeze_all true freezes the whole text encoder; set {', '.join(trains)} "
+                            f"to null or freeze_all to false")
     return freezing
 
 
-def validate(unet: PartSettings, text_encoder: PartSettings, source: str) -> list[str]:
-    """Cross-field checks on the resolved settings, all gathered so the file is fixed in one pass."""
+# How messages name each part's settings.
+PART_LABELS = {"unet": "base", "text_encoder": "text encoder", "text_encoder_2": "second text encoder"}
+
+
+def validate(parts: dict[str, PartSettings], source: str) -> list[str]:
+    """Cross-field checks on the resolved settings ({part: settings}), all gathered so the file is fixed in one
+    pass. The second text encoder's problems that it inherits from the first are reported once, for the first."""
+    problems, first = [], []
+    for name, part in parts.items():
+        found = _part_problems(part)
+        if name == "text_encoder":
+            first = found
+        elif name == "text_encoder_2":
+            found = [p for p in found if p not in first]
+        problems += [f"{source}: {PART_LABELS[name]}: {p}" for p in found]
+    return problems
+
+
+def _part_problems(part: PartSettings) -> list[str]:
     problems = []
-    for name, part in (("base", unet), ("text encoder", text_encoder)):
-        where = f"{source}: {name}"
-        if part.betas is not None:
-            if part.optimizer == "adafactor" and len(part.betas) not in (1, 2):
-                problems.append(f"{where}: adafactor reads only beta1: betas must be [beta1] or [beta1, beta2]")
-            elif part.optimizer != "adafactor" and len(part.betas) != 2:
-                problems.append(f"{where}: betas must be two numbers [beta1, beta2], got {json.dumps(part.betas)}")
-            if any(b >= 1.0 for b in part.betas):
-                problems.append(f"{where}: betas must be below 1, got {json.dumps(part.betas)}")
-        if part.optimizer in SCHEDULE_FREE_OPTIMIZERS and part.lr_scheduler not in ("constant", "constant_with_warmup"):
-            problems.append(f"{where}: {part.optimizer} replaces the LR schedule; set lr_scheduler to constant "
-                            f"(or constant_with_warmup); lr_warmup_steps becomes its own warmup")
-        if (part.lr_scheduler in DECAYING_SCHEDULERS and part.lr_warmup_steps is not None
-                and part.lr_decay_steps is not None and part.lr_warmup_steps >= part.lr_decay_steps):
-            problems.append(f"{where}: lr_warmup_steps ({part.lr_warmup_steps}) must be below lr_decay_steps "
-                            f"({part.lr_decay_steps})")
+    if part.betas is not None:
+        if part.optimizer == "adafactor" and len(part.betas) not in (1, 2):
+            problems.append("adafactor reads only beta1: betas must be [beta1] or [beta1, beta2]")
+        elif part.optimizer != "adafactor" and len(part.betas) != 2:
+            problems.append(f"betas must be two numbers [beta1, beta2], got {json.dumps(part.betas)}")
+        if any(b >= 1.0 for b in part.betas):
+            problems.append(f"betas must be below 1, got {json.dumps(part.betas)}")
+    if part.optimizer in SCHEDULE_FREE_OPTIMIZERS and part.lr_scheduler not in ("constant", "constant_with_warmup"):
+        problems.append(f"{part.optimizer} replaces the LR schedule; set lr_scheduler to constant (or "
+                        f"constant_with_warmup); lr_warmup_steps becomes its own warmup")
+    if (part.lr_scheduler in DECAYING_SCHEDULERS and part.lr_warmup_steps is not None
+            and part.lr_decay_steps is not None and part.lr_warmup_steps >= part.lr_decay_steps):
+        problems.append(f"lr_warmup_steps ({part.lr_warmup_steps}) must be below lr_decay_steps "
+                        f"({part.lr_decay_steps})")
     return problems
 
 
 def load_optimizer_config(path: str | None, *, lr_override: float | None = None,
                           warn: Warn | None = None) -> OptimizerConfig:
-    """Read optimizer.json (None: the defaults). lr_override (train.json / CLI `lr`) sets the lr of both parts.
+    """Read optimizer.json (None: the defaults). lr_override (train.json / CLI `lr`) sets the lr of every part.
     Raises ConfigError listing every problem; warnings (legacy keys, unused keys) go to `warn`."""
     warn = warn or stderr_warn
     source = str(path) if path is not None else "optimizer defaults"
@@ -304,87 +257,96 @@ def load_optimizer_config(path: str | None, *, lr_override: float | None = None,
     top, problems = check_fields(_OptimizerFile, raw, source)
     if lr_override is not None and lr_override < 0:
         problems.append(f"lr must be at least 0, got {lr_override}")
-    base_raw = top.get("base")
-    te_raw = top.get("text_encoder_overrides")
-    base = _read_part(base_raw, f"{source}: base", problems, warn)
-    te_overrides = _read_part(te_raw, f"{source}: text_encoder_overrides", problems, warn)
-    freezing = _read_freezing(top.get("text_encoder_freezing"), f"{source}: text_encoder_freezing", problems, warn)
+    # the sections as written, in inheritance order: each text encoder's nulls come from the one before
+    written = {part: _read_part(top.get(section), f"{source}: {section}", problems, warn, part)
+               for part, section in OVERRIDES_SECTION.items()}
+    freezing = {te: _read_freezing(top.get(f"{te}_freezing"), f"{source}: {te}_freezing", problems, warn)
+                for te in TEXT_ENCODERS}
     if problems:
         raise ConfigError("\n".join(problems))
 
+    base, te_overrides = written["unet"], written["text_encoder"]
     te_merged = inherit(te_overrides, base)
     te_lr_scale = top.get("text_encoder_lr_scale")
-    if lr_override is not None:
-        base = dataclasses.replace(base, lr=lr_override)
-        te_merged = dataclasses.replace(te_merged, lr=lr_override)
-    elif te_lr_scale is not None and te_overrides.lr is None and base.lr is not None:
+    if te_lr_scale is not None and te_overrides.lr is None and base.lr is not None and lr_override is None:
         # EveryDream2 documented this key but never read it; applied here as documented, so say so.
         if te_lr_scale != 1.0:
             warn(f"{source}: text_encoder_lr_scale {te_lr_scale} applied: text-encoder lr = {base.lr} * "
                  f"{te_lr_scale} (EveryDream2 documented this key but ignored it)")
         te_merged = dataclasses.replace(te_merged, lr=base.lr * te_lr_scale)
-
-    unet, text_encoder = with_defaults(base), with_defaults(te_merged)
-    if problems := validate(unet, text_encoder, source):
+    merged = {"unet": base, "text_encoder": te_merged,
+              "text_encoder_2": inherit(written["text_encoder_2"], te_merged)}
+    if lr_override is not None:
+        merged = {part: dataclasses.replace(s, lr=lr_override) for part, s in merged.items()}
+    resolved = {part: with_defaults(s) for part, s in merged.items()}
+    if problems := validate(resolved, source):
         raise ConfigError("\n".join(problems))
 
-    for name, settings, optimizer in (("base", base, unet.optimizer), ("text_encoder_overrides", te_overrides,
-                                                                       text_encoder.optimizer)):
-        if unused := _unused_keys(settings, optimizer):
-            # a base key may be meant for a text encoder that inherits it with another optimizer
-            if name == "base":
-                unused = [k for k in unused if k not in OPTIMIZER_DEFAULTS[text_encoder.optimizer]
-                          or getattr(te_overrides, k) is not None]
-            if unused:
-                warn(f"{source}: {name}: {', '.join(unused)} not used by {optimizer}")
+    _warn_unused_keys(written, resolved, source, warn)
+    optimizers = {s.optimizer for s in resolved.values()}
     if top.get("triton_8bit_step") and not top.get("grouped_8bit_step", True):
         raise ConfigError(f"{source}: triton_8bit_step true needs grouped_8bit_step true (the kernel steps the "
                           f"grouped layout); set one of them")
-    if top.get("triton_8bit_step") and "adamw8bit" not in (unet.optimizer, text_encoder.optimizer):
-        warn(f"{source}: triton_8bit_step is used by adamw8bit only; neither part uses it")
-    for name, part in (("UNet", unet), ("text encoder", text_encoder)):
+    if top.get("triton_8bit_step") and "adamw8bit" not in optimizers:
+        warn(f"{source}: triton_8bit_step is used by adamw8bit only; no part uses it")
+    for name, part in resolved.items():
+        first = resolved["text_encoder"]
+        if name == "text_encoder_2" and (part.optimizer, part.lr) == (first.optimizer, first.lr):
+            continue  # said for the first text encoder
         if part.optimizer in ADAPTIVE_OPTIMIZERS and part.lr is not None and part.lr < 0.1:
-            warn(f"{source}: {name} lr {part.lr} with {part.optimizer}: it estimates the step size itself and lr "
+            label = {"unet": "UNet"}.get(name, PART_LABELS[name])
+            warn(f"{source}: {label} lr {part.lr} with {part.optimizer}: it estimates the step size itself and lr "
                  f"multiplies that estimate; 1.0 (0.1 to 1.0) is usual")
-    return OptimizerConfig(unet=unet, text_encoder=text_encoder, text_encoder_freezing=freezing,
+    return OptimizerConfig(unet=resolved["unet"], text_encoder=resolved["text_encoder"],
+                           text_encoder_2=resolved["text_encoder_2"],
+                           text_encoder_freezing=freezing["text_encoder"],
+                           text_encoder_2_freezing=freezing["text_encoder_2"],
                            apply_grad_scaler_step_tweaks=top.get("apply_grad_scaler_step_tweaks", True),
                            log_grad_norm=top.get("log_grad_norm", True),
                            grouped_8bit_step=top.get("grouped_8bit_step", True),
                            triton_8bit_step=top.get("triton_8bit_step", False), source=source)
 
 
+def _warn_unused_keys(written: dict[str, PartSettings], resolved: dict[str, PartSettings], source: str,
+                      warn: Warn) -> None:
+    """One warning per section for keys no part reads. A section's key reaches the parts down its inheritance
+    chain (base -> text_encoder -> text_encoder_2) until a later section sets the key itself: a base key may be
+    meant for a text encoder that inherits it with another optimizer."""
+    heirs = {"unet": ("text_encoder", "text_encoder_2"), "text_encoder": ("text_encoder_2",), "text_encoder_2": ()}
+    for part, settings in written.items():
+        unused = []
+        for key in _unused_keys(settings, resolved[part].optimizer):
+            readers = []
+            for heir in heirs[part]:
+                if getattr(written[heir], key) is not None:
+                    break
+                readers.append(heir)
+            if not any(key in OPTIMIZER_DEFAULTS[resolved[r].optimizer] for r in readers):
+                unused.append(key)
+        if unused:
+            warn(f"{source}: {OVERRIDES_SECTION[part]}: {', '.join(unused)} not used by {resolved[part].optimizer}")
+
+
 def optimizer_config_to_json(cfg: OptimizerConfig) -> dict:
     """A complete optimizer.json for the resolved settings; loading it gives the same OptimizerConfig.
     The trainer saves this next to each checkpoint."""
+    second = {}   # left out when it adds nothing (SD1/SD2 runs, EveryDream2 files): the file is EveryDream2's
+    if cfg.text_encoder_2 != cfg.text_encoder:
+        second["text_encoder_2_overrides"] = to_jsonable(cfg.text_encoder_2)
+    if cfg.text_encoder_2_freezing != FreezeSettings():
+        second["text_encoder_2_freezing"] = to_jsonable(cfg.text_encoder_2_freezing)
     return {
         "config_version": CONFIG_VERSION,
         "doc": f"Resolved from {cfg.source}; every value is the one the run used.",
         "base": to_jsonable(cfg.unet),
         "text_encoder_overrides": to_jsonable(cfg.text_encoder),
         "text_encoder_freezing": to_jsonable(cfg.text_encoder_freezing),
+        **second,
         "apply_grad_scaler_step_tweaks": cfg.apply_grad_scaler_step_tweaks,
         "log_grad_norm": cfg.log_grad_norm,
         "grouped_8bit_step": cfg.grouped_8bit_step,
         "triton_8bit_step": cfg.triton_8bit_step,
     }
-
-
-def keys_markdown(cls) -> str:
-    """A markdown table of a section's keys, generated from the schema; doc/OPTIMIZER.md embeds these tables
-    and a test fails when they are stale (`python -m optimizer.config` prints them)."""
-    lines = ["| key | type | default | null | meaning |", "|---|---|---|---|---|"]
-    for name, (f, tp) in schema_fields(cls).items():
-        lo, hi = f.metadata.get("minimum"), f.metadata.get("maximum")
-        bounds = "" if lo is None and hi is None else f" Range: [{'' if lo is None else lo}, {'' if hi is None else hi}]."
-        type_text = describe_type(tp).replace("|", "\\|")  # a bare | would split the table cell
-        default = json.dumps(field_default(f))
-        null = PART_NULL if cls is PartSettings else null_meaning(f, tp)
-        lines.append(f"| `{name}` | `{type_text}` | `{default}` | {null} | {f.metadata['help']}{bounds} |")
-    return "\n".join(lines)
-
-
-SECTIONS = {"top level": _OptimizerFile, "base / text_encoder_overrides": PartSettings,
-            "text_encoder_freezing": FreezeSettings}
 
 
 if __name__ == "__main__":

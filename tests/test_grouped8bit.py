@@ -250,8 +250,8 @@ def test_build_optimizer_parts_chooses_the_class(tmp_path, grouped_step):
     assert optimizer_config_to_json(cfg)["grouped_8bit_step"] is grouped_step
     unet, te = torch.nn.Linear(128, 64), torch.nn.Linear(64, 64)
     # the text-encoder freezing needs a CLIP-like module; build the parts one by one instead
-    parts = build_optimizer_parts(cfg, unet=unet, text_encoder=None, total_steps=5, batch_size=1, grad_accum=1,
-                                  device_type="cpu", warn=lambda m: None)
+    parts = build_optimizer_parts(cfg, unet=unet, text_encoders=[("text_encoder", None)], total_steps=5, batch_size=1,
+                                  grad_accum=1, device_type="cpu", warn=lambda m: None)
     from optimizer.build import build_part
     parts.append(build_part("text_encoder", cfg.text_encoder, list(te.parameters()), total_steps=5, lr_scale=1.0,
                             device_type="cpu", warn=lambda m: None, grouped_8bit_step=cfg.grouped_8bit_step))
@@ -363,23 +363,24 @@ def test_triton_8bit_step_settings(tmp_path):
     assert any("triton_8bit_step is used by adamw8bit only" in w for w in warnings)
     f.write_text(json.dumps({"grouped_8bit_step": False, "triton_8bit_step": True}))
     with pytest.raises(ConfigError, match="triton_8bit_step true needs grouped_8bit_step true"):
-        build_optimizer_parts(load_optimizer_config(str(f)), unet=make_model(), text_encoder=None, total_steps=10,
-                              batch_size=1, grad_accum=1, device_type="cpu")
+        build_optimizer_parts(load_optimizer_config(str(f)), unet=make_model(), total_steps=10, batch_size=1,
+                              grad_accum=1, device_type="cpu")
 
 
 def test_fused_backward_problems_name_each_fix(tmp_path):
     from optimizer.build import fused_backward_problems
     ok = load_optimizer_config(None)
-    assert fused_backward_problems(ok, train_unet=True, train_te=True, grad_accum=1, clip_grad_norm=None, fp16=False,
-                                   processes=1) == []
+    te1 = ["text_encoder"]
+    assert fused_backward_problems(ok, train_unet=True, train_text_encoders=te1, grad_accum=1, clip_grad_norm=None,
+                                   fp16=False, processes=1) == []
     f = tmp_path / "optimizer.json"
     f.write_text(json.dumps({"text_encoder_overrides": {"optimizer": "adamw"}}))
     te_adamw = load_optimizer_config(str(f))
-    problems = fused_backward_problems(te_adamw, train_unet=True, train_te=True, grad_accum=1, clip_grad_norm=None,
-                                       fp16=True, processes=2)
+    problems = fused_backward_problems(te_adamw, train_unet=True, train_text_encoders=te1, grad_accum=1,
+                                       clip_grad_norm=None, fp16=True, processes=2)
     assert [p.split(":")[0] for p in problems] == ["optimizer.json text_encoder_overrides", "fp16 needs a GradScaler, "
                                                    "which checks all gradients before any step", "2 processes"]
-    assert fused_backward_problems(te_adamw, train_unet=True, train_te=False, grad_accum=1, clip_grad_norm=None,
+    assert fused_backward_problems(te_adamw, train_unet=True, train_text_encoders=[], grad_accum=1, clip_grad_norm=None,
                                    fp16=False, processes=1) == []   # a frozen text encoder's optimizer is unused
 
 

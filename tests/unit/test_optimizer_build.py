@@ -33,8 +33,8 @@ def config(part: PartSettings, te_part: PartSettings | None = None, **freezing) 
 
 
 def build(cfg, unet, text_encoder, total_steps=10, warnings=None, **kw):
-    return build_optimizer_parts(cfg, unet=unet, text_encoder=text_encoder, total_steps=total_steps, batch_size=2,
-                                 grad_accum=1, device_type="cpu",
+    return build_optimizer_parts(cfg, unet=unet, text_encoders=[("text_encoder", text_encoder)],
+                                 total_steps=total_steps, batch_size=2, grad_accum=1, device_type="cpu",
                                  warn=(warnings.append if warnings is not None else lambda m: None), **kw)
 
 
@@ -188,8 +188,8 @@ def test_scale_lr(models):
     unet, text_encoder = models
     warnings = []
     cfg = config(PartSettings(optimizer="adamw", lr=1e-6), PartSettings(optimizer="prodigy", lr=1.0))
-    parts = build_optimizer_parts(cfg, unet=unet, text_encoder=text_encoder, total_steps=10, batch_size=4,
-                                  grad_accum=2, scale_lr=True, device_type="cpu", warn=warnings.append)
+    parts = build_optimizer_parts(cfg, unet=unet, text_encoders=[("text_encoder", text_encoder)], total_steps=10,
+                                  batch_size=4, grad_accum=2, scale_lr=True, device_type="cpu", warn=warnings.append)
     assert scale_lr_factor(4, 2) == pytest.approx(8 ** 0.55)
     assert parts[0].optimizer.param_groups[0]["lr"] == pytest.approx(1e-6 * 8 ** 0.55)
     assert parts[1].optimizer.param_groups[0]["lr"] == 1.0 and "not applied to prodigy" in warnings[0]
