@@ -194,16 +194,12 @@ def _lr_scale_for(name: str, s: PartSettings, scale: float, warn: Warn) -> float
 
 def fused_backward_problems(opt_cfg: OptimizerConfig, *, train_unet: bool,
                             train_text_encoders: Collection[str] = (), grad_accum: int,
-                            clip_grad_norm: float | None, fp16: bool, processes: int,
-                            train_te: bool | None = None) -> list[str]:
+                            clip_grad_norm: float | None, fp16: bool, processes: int) -> list[str]:
     """Why train.json's fused_backward_pass cannot run with these settings (empty: it can). Each chunk of the
     grouped 8-bit step is applied as the backward pass completes its gradients, so nothing may need all the
     gradients at once (clipping, an fp16 GradScaler's overflow check, DDP's all-reduce) or several backward
     passes (grad_accum). train_text_encoders: the names of the text encoders the run trains (those whose
-    freezing section says freeze_all are skipped). train_te: the one-encoder form, kept until the caller passes
-    train_text_encoders; true means ("text_encoder",)."""
-    if train_te is not None:
-        train_text_encoders = ("text_encoder",) if train_te else ()
+    freezing section says freeze_all are skipped)."""
     trained = ["unet"] if train_unet else []
     trained += [te for te in TEXT_ENCODERS if te in _checked_names(train_text_encoders)
                 and opt_cfg.trains_text_encoder(te)]
@@ -236,13 +232,10 @@ def _checked_names(names: Collection[str]) -> Collection[str]:
     return names
 
 
-_LEGACY = object()
-
-
 def build_optimizer_parts(opt_cfg: OptimizerConfig, *, unet: torch.nn.Module | None,
                           text_encoders: Sequence[tuple[str, torch.nn.Module | None]] = (), total_steps: int,
                           batch_size: int, grad_accum: int, scale_lr: bool = False, device_type: str = "cuda",
-                          warn: Warn | None = None, text_encoder=_LEGACY) -> list[OptimizerPart]:
+                          warn: Warn | None = None) -> list[OptimizerPart]:
     """One OptimizerPart per trained model, named "unet", "text_encoder", "text_encoder_2", in that order.
     text_encoders: (name, module) pairs, name "text_encoder" or "text_encoder_2" (SD1/SD2 pass only the
     first); module None = that encoder is not trained. None (also unet=None): the caller freezes that model
@@ -250,13 +243,8 @@ def build_optimizer_parts(opt_cfg: OptimizerConfig, *, unet: torch.nn.Module | N
     first (freeze_all, or nothing left to train: it gets no part); the caller should pass None for an encoder
     whose opt_cfg.trains_text_encoder(name) is false. Sets requires_grad on every parameter of the models it is
     given. total_steps = optimizer steps of the run (for the automatic warmup/decay); batch_size (summed over
-    GPUs) and grad_accum only feed scale_lr. text_encoder=module: the one-encoder form, kept until the caller
-    passes text_encoders. Raises ConfigError."""
+    GPUs) and grad_accum only feed scale_lr. Raises ConfigError."""
     warn = warn or stderr_warn
-    if text_encoder is not _LEGACY:
-        if text_encoders:
-            raise ValueError("pass text_encoders or text_encoder, not both")
-        text_encoders = [("text_encoder", text_encoder)]
     _checked_names([name for name, _ in text_encoders])
     if total_steps < 1 or batch_size < 1 or grad_accum < 1:
         raise ValueError(f"total_steps, batch_size and grad_accum must be at least 1, "

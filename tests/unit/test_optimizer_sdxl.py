@@ -232,16 +232,6 @@ def test_text_encoder_names_are_checked(tmp_path):
                                   device_type="cpu")
 
 
-def test_the_one_encoder_keyword_builds_the_same_parts(tmp_path):
-    cfg, _ = load(tmp_path, {"base": {"optimizer": "adamw"}, "text_encoder_freezing": {"unfreeze_last_n_layers": 1}})
-    te1, _ = tiny_text_encoders()
-    kw = dict(unet=None, total_steps=5, batch_size=1, grad_accum=1, device_type="cpu")
-    new = build_optimizer_parts(cfg, text_encoders=[("text_encoder", te1)], **kw)
-    old = build_optimizer_parts(cfg, text_encoder=te1, **kw)
-    assert [(p.name, [id(q) for q in p.params], p.settings) for p in old] == \
-        [(p.name, [id(q) for q in p.params], p.settings) for p in new]
-
-
 def test_fused_backward_problems_check_each_trained_encoder(tmp_path):
     cfg, _ = load(tmp_path, {"text_encoder_2_overrides": {"optimizer": "adamw"}})
     both = ["text_encoder", "text_encoder_2"]
@@ -252,4 +242,3 @@ def test_fused_backward_problems_check_each_trained_encoder(tmp_path):
     cfg, _ = load(tmp_path, {"text_encoder_2_overrides": {"optimizer": "adamw"},
                              "text_encoder_2_freezing": {"freeze_all": True}})
     assert fused_backward_problems(cfg, train_text_encoders=both, **kw) == []   # frozen by optimizer.json
-    assert fused_backward_problems(cfg, train_te=True, **kw) == []              # the one-encoder form

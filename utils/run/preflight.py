@@ -80,7 +80,9 @@ def _check_machine(cfg: TrainConfig, opt_cfg, device: torch.device, processes: i
                           f"set it to false")
     if cfg.fused_backward_pass:
         problems = fused_backward_problems(
-            opt_cfg, train_unet=not cfg.disable_unet_training, train_te=not cfg.disable_textenc_training,
+            opt_cfg, train_unet=not cfg.disable_unet_training,
+            # the first text encoder: which others the model has is known once it loads (setup checks them)
+            train_text_encoders=() if cfg.disable_textenc_training else ("text_encoder",),
             grad_accum=cfg.grad_accum, clip_grad_norm=cfg.clip_grad_norm, fp16=amp == torch.float16,
             processes=processes)
         if problems:

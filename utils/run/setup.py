@@ -15,7 +15,7 @@ import torch
 from data.dataset import require_usable, scan_dataset, summarize, write_dataset_report
 from data.discovery import decode_problems
 from data.latent_cache import ensure_latents, needed_entries
-from optimizer.build import build_optimizer_parts
+from optimizer.build import build_optimizer_parts, fused_backward_problems
 from optimizer.config import optimizer_config_to_json
 from utils.core.config_schema import ConfigError
 from utils.core.file_writes import create_folder
@@ -128,7 +128,9 @@ def load_models(run: Run, folder: Path) -> Models:
     cfg = run.cfg
     sd = load_sd_model(folder, _prediction_override(run))
     train_unet = not cfg.disable_unet_training
-    train_tes = tuple(not cfg.disable_textenc_training for _ in sd.text_encoders)
+    # train.json's disable_textenc_training freezes every text encoder; optimizer.json's freeze_all one of them
+    train_tes = tuple(not cfg.disable_textenc_training and run.opt_cfg.trains_text_encoder(name)
+                      for name, _ in sd.text_encoder_parts())
     frozen_dtype = run.amp_dtype or torch.float32
     # Frozen parts run in the autocast dtype: less memory, and no fp32 copy is needed. A VAE whose config asks
     # for it (force_upcast: SDXL's overflows fp16 to NaN) stays fp32 under fp16; bf16's range is fp32's.
@@ -201,11 +203,18 @@ def count_steps(run: Run) -> StepCounts:
 
 def build_optimizers(run: Run) -> None:
     cfg, models = run.cfg, run.models
+    text_encoders = [(name, module if trained else None)
+                     for (name, module), trained in zip(models.sd.text_encoder_parts(), models.train_text_encoders)]
+    if cfg.fused_backward_pass and (problems := fused_backward_problems(
+            run.opt_cfg, train_unet=models.train_unet, grad_accum=cfg.grad_accum, clip_grad_norm=cfg.clip_grad_norm,
+            train_text_encoders=[name for name, module in text_encoders if module is not None],
+            fp16=run.amp_dtype == torch.float16, processes=run.processes)):
+        # preflight checked the first text encoder; a second one (SDXL) is known now
+        raise ConfigError("fused_backward_pass true cannot run here:\n  - " + "\n  - ".join(problems))
     run.parts = build_optimizer_parts(
-        run.opt_cfg, unet=models.sd.unet if models.train_unet else None,
-        text_encoder=models.sd.text_encoder if models.train_te else None, total_steps=run.steps.total_steps,
-        batch_size=cfg.batch_size * run.processes, grad_accum=cfg.grad_accum, scale_lr=cfg.scale_lr,
-        device_type=run.device.type)
+        run.opt_cfg, unet=models.sd.unet if models.train_unet else None, text_encoders=text_encoders,
+        total_steps=run.steps.total_steps, batch_size=cfg.batch_size * run.processes, grad_accum=cfg.grad_accum,
+        scale_lr=cfg.scale_lr, device_type=run.device.type)
     if cfg.fused_backward_pass:
         for part in run.parts:
             part.optimizer.step_in_backward(overlap=cfg.overlap_optimizer_step)

@@ -18,7 +18,8 @@ log = get_logger()
 
 # each trained part's TensorBoard tags: (learning rate, gradient norm)
 PART_TAGS = {"unet": ("hyperparameter/lr unet", "optimizer/unet_grad_norm"),
-             "text_encoder": ("hyperparameter/lr text encoder", "optimizer/te_grad_norm")}
+             "text_encoder": ("hyperparameter/lr text encoder", "optimizer/te_grad_norm"),
+             "text_encoder_2": ("hyperparameter/lr text encoder 2", "optimizer/te2_grad_norm")}
 
 
 def new_window(run: Run) -> LogWindow:
