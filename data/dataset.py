@@ -8,6 +8,7 @@
 
 With cached latents (data/latent_cache.py), BatchDataset(..., latents=index) returns "latent_moments" instead of
 "pixel_values" and never decodes the image; captions, flips and masks come from the same RNG streams.
+Every batch also carries "time_ids", SDXL's size and crop conditioning of each image (data.transforms.sdxl_time_ids).
 
 Randomness at load time (crop jitter and offset, flip, tag shuffle, caption dropout) comes from an RNG seeded by
 (seed, epoch, batch position in the epoch, slot in the batch), never from a worker's global state, so the result
@@ -28,7 +29,7 @@ from data.items import DataScan, DataSettings, ImageItem
 from data.latent_cache import LatentCacheIndex
 from data.report import problem_summary, summarize, write_dataset_report
 from data.sampler import BatchPlan, epoch_batches, schedule_filename, write_schedule
-from data.transforms import BadImageError, crop_box, load_mask, load_sample, render_mask
+from data.transforms import BadImageError, Crop, Sample, crop_box, load_mask, load_sample, render_mask, sdxl_time_ids
 from utils.core.config_schema import ConfigError
 
 __all__ = ["DataSettings", "DataScan", "ImageItem", "BatchPlan", "BatchDataset", "ConfigError", "scan_dataset",
@@ -52,6 +53,14 @@ class BatchDataset(torch.utils.data.Dataset):
     augment=False (for validation): no crop jitter, centre crop, no flip, no tag shuffle, no caption dropout.
     latents: read each image's VAE moments from this cache (filled by data.latent_cache.ensure_latents) and return
     "latent_moments" [B, 2C, h, w] instead of "pixel_values"; always the centre crop, masks at pixel resolution.
+
+    A batch: "pixel_values" [B, 3, H, W] float32 (or "latent_moments"), "captions", "loss_scale" [B] float32,
+    "mask" [B, 1, H, W] or None, "time_ids" [B, 6] float32, "paths", "skipped" [(rel_path, reason)], "size" (w, h)
+    and "position"; the per-image entries in the same order, images that failed to load left out of all of them.
+    "time_ids" row: (original_height, original_width, crop_top, crop_left, target_height, target_width), SDXL's
+    size and crop conditioning (data.transforms.sdxl_time_ids) of the crop and flip that image actually got; the
+    original size is the image as displayed (item.width / height), so a JPEG decoded at reduced scale counts at
+    full size. Models other than SDXL ignore it.
     """
 
     def __init__(self, items, plans: list[BatchPlan], *, seed: int, epoch: int, first_position: int = 0,
@@ -73,17 +82,17 @@ class BatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict | None:
         plan, position = self.plans[i], self.position(i)
-        pixels, masks, captions, scales, paths, skipped = [], [], [], [], [], []
+        pixels, masks, captions, scales, paths, skipped, time_ids = [], [], [], [], [], [], []
         for slot, index in enumerate(plan.indices):
             item: ImageItem = self.items[index]
             image_rng = item_rng(self.seed, self.epoch, position, slot, "image")
             try:
                 if self.latents is None:
-                    px, mask, mask_problem = load_sample(item.path, plan.size, rng=image_rng,
-                                                         crop_jitter=item.crop_jitter, flip_p=item.flip_p,
-                                                         mask_path=item.mask_path, augment=self.augment)
+                    px, mask, mask_problem, crop = load_sample(item.path, plan.size, rng=image_rng,
+                                                               crop_jitter=item.crop_jitter, flip_p=item.flip_p,
+                                                               mask_path=item.mask_path, augment=self.augment)
                 else:
-                    px, mask, mask_problem = self._cached_sample(item, plan.size, image_rng)
+                    px, mask, mask_problem, crop = self._cached_sample(item, plan.size, image_rng)
             except BadImageError as e:
                 skipped.append((item.rel_path, str(e)))
                 log.warning("skipped %s at load time: %s", item.rel_path, e)
@@ -99,6 +108,8 @@ class BatchDataset(torch.utils.data.Dataset):
             masks.append(None if mask is None else torch.from_numpy(mask))
             scales.append(item.loss_scale)
             paths.append(str(item.path))
+            shown = crop.scaled_to((item.width, item.height))
+            time_ids.append(sdxl_time_ids(shown.image_size, shown.box, plan.size, shown.flip))
         if not pixels:
             log.warning("batch %d of epoch %d: every image failed to load; batch skipped", position, self.epoch)
             return None
@@ -109,19 +120,22 @@ class BatchDataset(torch.utils.data.Dataset):
         images = "pixel_values" if self.latents is None else "latent_moments"
         return {images: torch.stack(pixels), "captions": captions,
                 "loss_scale": torch.tensor(scales, dtype=torch.float32), "mask": mask, "paths": paths,
+                "time_ids": torch.tensor(time_ids, dtype=torch.float32),
                 "skipped": skipped, "size": plan.size, "position": position}
 
-    def _cached_sample(self, item: ImageItem, size: tuple[int, int], rng: random.Random):
-        """(moments, mask or None, mask_problem or None), like load_sample but from the latent cache. The RNG is
-        drawn from as load_sample does (crop_box's 5 draws, then the flip), so the flips match the uncached run;
-        the crop is always the centre one the cache was encoded with."""
-        box = crop_box(item.width, item.height, size, crop_jitter=item.crop_jitter, rng=rng, augment=False)
+    def _cached_sample(self, item: ImageItem, size: tuple[int, int], rng: random.Random) -> Sample:
+        """Like load_sample, but the moments come from the latent cache. The RNG is drawn from as load_sample does
+        (crop_box's 5 draws, then the flip), so the flips match the uncached run; the crop is always the centre one
+        the cache was encoded with, and the Sample's crop is that one with the flip of the entry read."""
+        image_size = (item.width, item.height)
+        box = crop_box(*image_size, size, crop_jitter=item.crop_jitter, rng=rng, augment=False)
         flip = rng.random() < item.flip_p and self.augment
+        crop = Crop(image_size, box, flip)
         moments = self.latents.load(item.path, size, flip)
         if item.mask_path is None:
-            return moments, None, None
+            return Sample(moments, None, None, crop)
         try:
             mask = load_mask(item.mask_path)
         except BadImageError as e:
-            return moments, None, f"mask {item.mask_path.name}: {e}"
-        return moments, render_mask(mask, box, (item.width, item.height), size, flip), None
+            return Sample(moments, None, f"mask {item.mask_path.name}: {e}", crop)
+        return Sample(moments, render_mask(mask, box, image_size, size, flip), None, crop)

@@ -1,5 +1,6 @@
 """Image files: header reads for the scan, and the load-time pipeline (EXIF transpose, conversion to RGB, crop
-jitter, centre-biased crop to the bucket's aspect, resize, flip, normalisation; masks follow the same geometry).
+jitter, centre-biased crop to the bucket's aspect, resize, flip, normalisation; masks follow the same geometry),
+and SDXL's size and crop conditioning of the crop an image got (sdxl_time_ids).
 The only module of the data layer that imports PIL. Returns numpy arrays so callers choose their tensor library.
 
 Every failure to read an image becomes BadImageError with a readable reason: callers skip the file and report it
@@ -14,6 +15,7 @@ import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -214,6 +216,46 @@ def crop_box(width: int, height: int, bucket: tuple[int, int], *, crop_jitter: f
     return left, top, right, bottom
 
 
+class Crop(NamedTuple):
+    """The geometry one image went through: `box` (left, top, right, bottom) of an `image_size` (width, height)
+    image was resized to the bucket, then mirrored left-right when `flip`."""
+    image_size: tuple[int, int]
+    box: tuple[float, float, float, float]
+    flip: bool
+
+    def scaled_to(self, size: tuple[int, int]) -> Crop:
+        """The same crop in the image at another size: a JPEG decoded at reduced scale (load_rgb's `cover`)
+        has its box in the small image's pixels, and the time ids speak of the image as displayed."""
+        sx, sy = size[0] / self.image_size[0], size[1] / self.image_size[1]
+        left, top, right, bottom = self.box
+        return Crop((size[0], size[1]), (left * sx, top * sy, right * sx, bottom * sy), self.flip)
+
+
+def _round(x: float) -> int:
+    return math.floor(x + 0.5)          # half up, not Python's half to even
+
+
+def sdxl_time_ids(image_size: tuple[int, int], box, bucket: tuple[int, int], flip: bool) -> tuple[int, ...]:
+    """SDXL's size and crop conditioning for one image: (original_height, original_width, crop_top, crop_left,
+    target_height, target_width), as diffusers' `add_time_ids = original_size + crops_coords_top_left +
+    target_size`.
+
+    image_size: (width, height) of the image as displayed (EXIF orientation applied), the coordinates of `box`.
+    box: the (left, top, right, bottom) region that was resized to `bucket` (width, height), as crop_box gives.
+    The crop's top-left corner is given in the pixels of the image scaled so that the box maps onto the bucket
+    (scale = bucket width / box width): (top * scale, left * scale), each rounded half up to an integer. The flip
+    mirrors the image after the crop, so a flipped image's crop_left is measured from the flipped image's left
+    edge: scaled width - target width - crop_left = (width - right) * scale, rounded once (kohya's sd-scripts do
+    the same for flipped images). crop_top never changes. Original and target sizes are returned as given.
+    """
+    width, height = image_size
+    left, top, right, _ = box
+    scale = bucket[0] / (right - left)
+    # flipped: scaled width - target width - crop_left, i.e. the box's right margin, scaled; rounded once, here
+    crop_left = (width - right) * scale if flip else left * scale
+    return height, width, _round(top * scale), _round(crop_left), bucket[1], bucket[0]
+
+
 def _triangular(u: float, span: float) -> float:
     """Inverse CDF of the symmetric triangular distribution on [0, span], for a uniform u."""
     return span * (math.sqrt(u / 2) if u < 0.5 else 1 - math.sqrt((1 - u) / 2))
@@ -245,18 +287,29 @@ def render_mask(mask: Image.Image, box, image_size: tuple[int, int], bucket: tup
     return np.ascontiguousarray(a[None])
 
 
+class Sample(NamedTuple):
+    """What load_sample returns. pixels: [3, H, W] (or a cached entry's latent moments); mask: [1, H, W] or None;
+    mask_problem: why a mask failed to load, or None; crop: the geometry applied (for sdxl_time_ids)."""
+    pixels: object
+    mask: np.ndarray | None
+    mask_problem: str | None
+    crop: Crop
+
+
 def load_sample(path: Path, bucket: tuple[int, int], *, rng: random.Random, crop_jitter: float, flip_p: float,
-                mask_path: Path | None = None, augment: bool = True):
-    """(pixels [3,H,W], mask [1,H,W] or None, mask_problem or None). Raises BadImageError for the image itself;
-    a mask that fails to load is returned as None with the reason, so the image still trains."""
+                mask_path: Path | None = None, augment: bool = True) -> Sample:
+    """The image rendered to the bucket, its mask, and the crop and flip used (draws nothing more for them).
+    Raises BadImageError for the image itself; a mask that fails to load is returned as None with the reason, so
+    the image still trains. crop.image_size is the decoded image's (smaller than displayed for a big JPEG)."""
     img = load_rgb(path, cover=bucket)
     box = crop_box(img.width, img.height, bucket, crop_jitter=crop_jitter, rng=rng, augment=augment)
     flip = rng.random() < flip_p and augment
+    crop = Crop(img.size, box, flip)
     pixels = render_image(img, box, bucket, flip)
     if mask_path is None:
-        return pixels, None, None
+        return Sample(pixels, None, None, crop)
     try:
         mask = load_mask(mask_path)
     except BadImageError as e:
-        return pixels, None, f"mask {Path(mask_path).name}: {e}"
-    return pixels, render_mask(mask, box, img.size, bucket, flip), None
+        return Sample(pixels, None, f"mask {Path(mask_path).name}: {e}", crop)
+    return Sample(pixels, render_mask(mask, box, img.size, bucket, flip), None, crop)

@@ -3,6 +3,7 @@ encode-once cache and its invalidation, bad files, and equivalence with the unca
 import copy
 import os
 import pickle
+import random
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import data.latent_cache as lc
 from data.dataset import BatchDataset, DataSettings, epoch_batches, scan_dataset
 from data.latent_cache import (LatentCacheIndex, cache_key, ensure_latents, image_key, needed_entries,
                                open_latent_cache, read_moments, vae_fingerprint)
+from data.transforms import crop_box, sdxl_time_ids
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +231,32 @@ def test_cached_validation_batches_never_flip(square_dir, vae, tmp_path):
     unflipped = torch.stack([index.load(items[k].path, (64, 64), False) for k in plans[0].indices])
     assert torch.equal(batch["latent_moments"], unflipped)
     assert batch["captions"] == [items[k].caption for k in plans[0].indices]
+
+
+def test_cached_time_ids_are_the_centre_crop_with_the_flip_of_the_entry(vae, tmp_path):
+    """SDXL's time ids: with augment=False cached and uncached batches agree; in training the cached crop is the
+    centre one (no jitter, whatever crop_jitter says) and the flip the one of the entry read."""
+    for k, size in enumerate([(96, 64), (64, 96), (80, 64), (70, 64), (64, 64), (90, 70)]):
+        make_image(tmp_path / "data" / f"img {k}.png", size, k)
+    items = scan(tmp_path / "data", crop_jitter=0.1).items
+    index = ensure(items, vae, tmp_path / "cache").index
+    plans = epoch_batches(items, batch_size=3, seed=2, epoch=0, resolutions=[64])
+    flips, crops = [], []
+    for i, plan in enumerate(plans):
+        cached = BatchDataset(items, plans, seed=2, epoch=0, augment=False, latents=index)[i]
+        plain = BatchDataset(items, plans, seed=2, epoch=0, augment=False)[i]
+        assert cached["time_ids"].shape == (len(plan.indices), 6) and cached["time_ids"].dtype == torch.float32
+        assert torch.equal(cached["time_ids"], plain["time_ids"])
+        trained = BatchDataset(items, plans, seed=2, epoch=0, latents=index)[i]
+        for row, moments, k in zip(trained["time_ids"].tolist(), trained["latent_moments"], plan.indices):
+            item = items[k]
+            flip = torch.equal(moments, index.load(item.path, plan.size, True))
+            box = crop_box(item.width, item.height, plan.size, crop_jitter=0.0, rng=random.Random(0), augment=False)
+            assert row == list(sdxl_time_ids((item.width, item.height), box, plan.size, flip))
+            flips.append(flip)
+            crops.append(row[2:4])
+    assert any(flips) and not all(flips)
+    assert [16, 0] in crops and [0, 16] in crops                 # 96x64 and 64x96 lose 16 px on each side
 
 
 def test_index_is_cheap_to_open_and_names_the_vae(vae, tmp_path):

@@ -49,6 +49,7 @@ def test_batches_have_the_documented_shape(dataset_dir):
         assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
         assert len(batch["captions"]) == n and all(c.startswith("img ") for c in batch["captions"])
         assert batch["loss_scale"].shape == (n,) and batch["loss_scale"].dtype == torch.float32
+        assert batch["time_ids"].shape == (n, 6) and batch["time_ids"].dtype == torch.float32
         assert batch["mask"] is None and batch["skipped"] == []
         assert batch["paths"] == [str(scan.items[k].path) for k in plan.indices]
 

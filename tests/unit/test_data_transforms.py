@@ -160,8 +160,8 @@ def test_mask_follows_the_same_crop_flip_and_resize(tmp_path):
     big.resize((225, 150), Image.Resampling.NEAREST).save(tmp_path / "half-masklabel.png")   # other size
     for seed in range(6):
         for mask_name in ("x-masklabel.png", "half-masklabel.png"):
-            pixels, mask, problem = load_sample(tmp_path / "x.png", (192, 128), rng=random.Random(seed),
-                                                crop_jitter=0.02, flip_p=0.5, mask_path=tmp_path / mask_name)
+            pixels, mask, problem, _ = load_sample(tmp_path / "x.png", (192, 128), rng=random.Random(seed),
+                                                   crop_jitter=0.02, flip_p=0.5, mask_path=tmp_path / mask_name)
             assert problem is None and mask.shape == (1, 128, 192) and mask.dtype == np.float32
             assert mask.min() >= 0.0 and mask.max() <= 1.0
             as_mask = (pixels[0] + 1) / 2
@@ -174,19 +174,19 @@ def test_flip_probability_and_determinism(tmp_path):
     im.save(tmp_path / "f.png")
     flips = 0
     for seed in range(200):
-        pixels, _, _ = load_sample(tmp_path / "f.png", (64, 64), rng=random.Random(seed), crop_jitter=0.0,
-                                   flip_p=0.3)
+        pixels, _, _, _ = load_sample(tmp_path / "f.png", (64, 64), rng=random.Random(seed), crop_jitter=0.0,
+                                      flip_p=0.3)
         flips += pixels[0, 32, 0] < 0                       # left edge black = flipped
     assert 40 < flips < 80
-    a, _, _ = load_sample(tmp_path / "f.png", (64, 64), rng=random.Random("k"), crop_jitter=0.02, flip_p=0.5)
-    b, _, _ = load_sample(tmp_path / "f.png", (64, 64), rng=random.Random("k"), crop_jitter=0.02, flip_p=0.5)
+    a, _, _, _ = load_sample(tmp_path / "f.png", (64, 64), rng=random.Random("k"), crop_jitter=0.02, flip_p=0.5)
+    b, _, _, _ = load_sample(tmp_path / "f.png", (64, 64), rng=random.Random("k"), crop_jitter=0.02, flip_p=0.5)
     assert np.array_equal(a, b)
 
 
 def test_bad_mask_at_load_time_is_reported_not_fatal(tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
-    pixels, mask, problem = load_sample(tmp_path / "a.png", (64, 64), rng=random.Random(0), crop_jitter=0.0,
-                                        flip_p=0.0, mask_path=tmp_path / "a-masklabel.png")
+    pixels, mask, problem, _ = load_sample(tmp_path / "a.png", (64, 64), rng=random.Random(0), crop_jitter=0.0,
+                                           flip_p=0.0, mask_path=tmp_path / "a-masklabel.png")
     assert mask is None and "file not found" in problem and pixels.shape == (3, 64, 64)
 
 
@@ -204,7 +204,7 @@ def test_mask_modes(tmp_path):
 
 def test_upscaling_undersized_images(tmp_path):
     Image.new("RGB", (96, 48), (10, 200, 10)).save(tmp_path / "s.png")
-    pixels, _, _ = load_sample(tmp_path / "s.png", (64, 64), rng=random.Random(0), crop_jitter=0.02, flip_p=0.0)
+    pixels, _, _, _ = load_sample(tmp_path / "s.png", (64, 64), rng=random.Random(0), crop_jitter=0.02, flip_p=0.0)
     assert pixels.shape == (3, 64, 64)
     assert pixels[1].mean() == pytest.approx(200 / 127.5 - 1, abs=0.01)
 
@@ -215,8 +215,8 @@ def test_big_jpegs_are_decoded_at_a_reduced_scale_that_still_covers_the_bucket(t
     im.save(tmp_path / "big.jpg", "JPEG", quality=95)
     assert load_rgb(tmp_path / "big.jpg", cover=(128, 96)).size == (256, 192)     # 1/4 scale, still >= 1.1x
     assert load_rgb(tmp_path / "big.jpg", cover=(640, 480)).size == (1024, 768)   # no reduction possible
-    full, _, _ = load_sample(tmp_path / "big.jpg", (128, 96), rng=random.Random(0), crop_jitter=0.0, flip_p=0.0,
-                             augment=False)
+    full, _, _, _ = load_sample(tmp_path / "big.jpg", (128, 96), rng=random.Random(0), crop_jitter=0.0, flip_p=0.0,
+                                augment=False)
     reference = render_image(load_rgb(tmp_path / "big.jpg"), (0, 0, 1024, 768), (128, 96), flip=False)
     assert np.abs(full - reference).mean() < 0.02
     # EXIF-rotated: the request is made in the stored orientation
