@@ -195,7 +195,7 @@ def test_schedule_buffers_match_the_original_ldm_code(reference):
 def test_unmappable_unet_key_is_an_error(sd1):
     w, cfg = _weights(sd1), _configs(sd1)
     with pytest.raises(ConfigError, match="no LDM equivalent"):
-        K.unet_to_ldm({**w["unet"], "add_embedding.linear_1.weight": torch.zeros(1)}, cfg["unet"])
+        K.unet_to_ldm({**w["unet"], "class_embedding.linear_1.weight": torch.zeros(1)}, cfg["unet"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -437,10 +437,20 @@ def test_import_is_atomic(sd1_fp32_file, sd1, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def _without_header_configs(path, out):
+    """A copy of an exported file as other tools write it: no diffusers configs in the header."""
+    from safetensors.torch import save_file
+    sd, meta = LF.read_single_file(path)
+    meta.pop(E.DIFFUSERS_CONFIGS_KEY)
+    save_file(sd, str(out), metadata=meta)
+    return out
+
+
 def test_import_with_the_wrong_architecture_names_the_problem(sd1_fp32_file, tmp_path):
-    # Without config_folder the SD1.5 release configs apply; a tiny file cannot fill them.
+    # Without config_folder or the header's configs the SD1.5 release configs apply; a tiny file cannot fill them.
+    plain = _without_header_configs(sd1_fp32_file, tmp_path / "plain.safetensors")
     with pytest.raises(ConfigError, match=r"UNet does not match.*missing|UNet does not match.*another shape"):
-        I.single_file_to_diffusers(sd1_fp32_file, tmp_path / "out")
+        I.single_file_to_diffusers(plain, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -513,18 +523,16 @@ def test_unknown_layout_sdxl_and_missing_file(tmp_path, sd1):
     diffusers_style = tmp_path / "unet_only.safetensors"
     save_file(_weights(sd1)["unet"], str(diffusers_style))
     sd, _ = LF.read_single_file(diffusers_style)
-    with pytest.raises(ConfigError, match="not an SD1.x/SD2.x single-file checkpoint") as e:
+    with pytest.raises(ConfigError, match="not an SD1.x/SD2.x/SDXL single-file checkpoint") as e:
         F.family_from_keys(sd, diffusers_style)
     assert str(diffusers_style) in str(e.value) and "cond_stage_model" in str(e.value)
-    sdxl = {"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2),
-            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}
-    with pytest.raises(ConfigError, match=r"x.safetensors is an SDXL model .*supports SD1.x and SD2.x"):
-        F.family_from_keys(sdxl, "x.safetensors")
-    # a safetensors file is refused by its key names, before its tensors are read
-    sdxl_file = tmp_path / "sdxl.safetensors"
-    save_file(sdxl, str(sdxl_file))
-    with pytest.raises(ConfigError, match=r"sdxl.safetensors is an SDXL model .*supports SD1.x and SD2.x"):
-        LF.read_single_file(sdxl_file)
+    # a safetensors file in the SGM layout of no family (an SDXL refiner) is refused by its key names, before its
+    # tensors are read
+    refiner_file = tmp_path / "refiner.safetensors"
+    save_file({"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(384, 4, 3, 3)}, str(refiner_file))
+    with pytest.raises(ConfigError, match=r"refiner.safetensors is an SDXL refiner .*supports SD1.x, SD2.x and SDXL"):
+        LF.read_single_file(refiner_file)
     refiner = {"conditioner.embedders.0.model.ln_final.weight": torch.zeros(2)}
     with pytest.raises(ConfigError, match="SDXL refiner or another model in the SGM layout"):
         F.family_from_keys(refiner, "refiner.safetensors")
@@ -619,8 +627,12 @@ def test_cli_round_trip_and_errors(sd1, tmp_path, capsys):
     assert C.main(["to-single", str(sd1), str(tmp_path / "cli.ckpt")]) == 0
     assert C.main(["prune", str(tmp_path / "cli.ckpt"), str(tmp_path / "pruned.safetensors")]) == 0
     capsys.readouterr()
-    # A tiny file does not fit the release configs: a one-line error, exit 2, nothing written.
-    assert C.main(["to-diffusers", str(single), str(tmp_path / "out"), "--prediction_type", "v_prediction"]) == 2
+    # Our export names its architecture in the header: a tiny file imports as it is.
+    assert C.main(["to-diffusers", str(single), str(tmp_path / "back")]) == 0
+    capsys.readouterr()
+    # Without that, a tiny file does not fit the release configs: a one-line error, exit 2, nothing written.
+    plain = _without_header_configs(single, tmp_path / "plain.safetensors")
+    assert C.main(["to-diffusers", str(plain), str(tmp_path / "out"), "--prediction_type", "v_prediction"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and not (tmp_path / "out").exists()
     assert C.main(["to-single", str(tmp_path / "missing"), str(tmp_path / "x.safetensors")]) == 2

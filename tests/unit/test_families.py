@@ -17,7 +17,8 @@ LDM_KEYS = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4,
 
 
 def test_every_family_has_every_field_filled():
-    optional = {"no_sidecar_warning"}  # None says "nothing to warn about" (SD1)
+    # None / {} say "nothing to warn about" (SD1), "no added UNet conditioning", "no extra model_index.json keys"
+    optional = {"no_sidecar_warning", "addition_embed_type", "pipeline_extras"}
     for name, family in FAMILIES.items():
         assert family.name == name
         for field in dataclasses.fields(family):
@@ -43,17 +44,19 @@ def test_family_from_text_configs_and_folder(tmp_path):
     assert family_from_text_configs([{"hidden_act": "quick_gelu"}]).name == "sd1"
     assert family_from_text_configs([{}]).name == "sd1"  # transformers' default activation is CLIP-L's
     assert family_from_text_configs([{"hidden_act": "gelu"}]).name == "sd2"
+    assert family_from_text_configs([{}, {"hidden_act": "gelu"}]).name == "sdxl"
     for name, family in FAMILIES.items():
         folder = tmp_path / name
-        (folder / "text_encoder").mkdir(parents=True)
-        (folder / "text_encoder" / "config.json").write_text(json.dumps(dict(family.text_encoders[0].import_config)))
+        for encoder in family.text_encoders:
+            (folder / encoder.subfolder).mkdir(parents=True)
+            (folder / encoder.subfolder / "config.json").write_text(json.dumps(dict(encoder.import_config)))
         assert family_of_folder(folder) is family
 
 
 def test_an_unknown_text_encoder_layout_is_refused(tmp_path):
-    # two encoders (an SDXL folder): no family has that layout yet
-    with pytest.raises(ConfigError, match=r"m: no supported model family .*hf_clip, open_clip; supported: SD1.x"):
-        family_from_text_configs([{}, {"hidden_act": "gelu"}], "m")
+    # two CLIP-L-style encoders: no family has that layout
+    with pytest.raises(ConfigError, match=r"m: no supported model family .*hf_clip, hf_clip; supported: SD1.x"):
+        family_from_text_configs([{}, {}], "m")
     for sub in ("text_encoder", "text_encoder_2"):
         (tmp_path / sub).mkdir()
         (tmp_path / sub / "config.json").write_text("{}")
@@ -65,11 +68,14 @@ def test_family_from_keys():
     assert family_from_keys({**LDM_KEYS, "cond_stage_model.transformer.text_model.x": torch.zeros(1)}, "a").name \
         == "sd1"
     assert family_from_keys({**LDM_KEYS, "cond_stage_model.model.ln_final.weight": torch.zeros(1)}, "b").name == "sd2"
-    with pytest.raises(ConfigError, match=r"^c: not an SD1.x/SD2.x single-file checkpoint: lacks cond_stage_model"):
+    sdxl = {**LDM_KEYS, "conditioner.embedders.0.transformer.text_model.x": torch.zeros(1),
+            "conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}
+    assert family_from_keys(sdxl, "e").name == "sdxl"
+    with pytest.raises(ConfigError, match=r"^c: not an SD1.x/SD2.x/SDXL single-file checkpoint: lacks the text enc"):
         family_from_keys(LDM_KEYS, "c")
-    with pytest.raises(ConfigError, match="is an SDXL model"):
+    with pytest.raises(ConfigError, match="is an SDXL refiner or another model in the SGM layout"):
         family_from_keys({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, "d")
 
 
 def test_supported_titles():
-    assert supported_titles() == "SD1.x and SD2.x"
+    assert supported_titles() == "SD1.x, SD2.x and SDXL"

@@ -1,14 +1,19 @@
 """diffusers folder -> original LDM single file (`save_single_file`), offline.
 
 Writes what AUTOMATIC1111, Forge, ComfyUI and diffusers' own `from_single_file` load: `model.diffusion_model.*`
-(UNet), `first_stage_model.*` (VAE, attention projections as 1x1 convolutions), the text encoder in its family's
-single-file layout (SD1: `cond_stage_model.transformer.text_model.*`, CLIP ViT-L/14 as the original release stored
-it; SD2: `cond_stage_model.model.*`, OpenCLIP ViT-H/14), the LDM noise-schedule buffers, and where the family record
-names one a `<stem>.yaml` sidecar (SD2, v-prediction), without which web UIs render an SD2 768-v model as noise.
+(UNet; SDXL's added embedding as `label_emb`), `first_stage_model.*` (VAE, attention projections as 1x1
+convolutions), the text encoders in their family's single-file layout (SD1: `cond_stage_model.transformer.text_model.*`,
+CLIP ViT-L/14 as the original release stored it; SD2: `cond_stage_model.model.*`, OpenCLIP ViT-H/14; SDXL:
+`conditioner.embedders.0.transformer.text_model.*` and `conditioner.embedders.1.model.*`, OpenCLIP ViT-bigG/14 with
+its projection), the LDM noise-schedule buffers, and where the family record names one a `<stem>.yaml` sidecar (SD2,
+v-prediction), without which web UIs render an SD2 768-v model as noise. The header carries ModelSpec keys and the
+diffusers configs of the parts (DIFFUSERS_CONFIGS_KEY), from which import rebuilds a non-release architecture.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+import json
 
 import torch
 
@@ -18,6 +23,10 @@ from utils.sd.families import CONFIG_DIR, PREDICTION_TYPES, ModelFamily, family_
 from utils.sd.ldm_files import Fmt, cast_weights, read_weights, save_tensors
 from utils.sd.ldm_keys import schedule_buffers, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 from utils.sd.ldm_markers import marker_tensors
+
+# Header key holding {"unet": ..., "vae": ..., "<text encoder subfolder>": ...}: the diffusers configs of the exported
+# parts, as JSON. Web UIs ignore it; ldm_import reads it back, so a model of any size converts both ways.
+DIFFUSERS_CONFIGS_KEY = "diffusers.configs"
 
 
 def _prediction_type(scheduler_config: dict) -> str:
@@ -36,38 +45,46 @@ def _modelspec(family: ModelFamily, pred: str, unet_config: dict, title: str) ->
             else "epsilon"}
 
 
-def _component_dirs(folder: Path, base_folder: Path | None, unet_subfolder: str) -> dict[str, Path]:
-    """Where each part lives: in folder, else (parts a training checkpoint may not repeat) in base_folder."""
+def _component_dirs(folder: Path, base_folder: Path | None, unet_subfolder: str
+                    ) -> tuple[dict[str, Path], ModelFamily]:
+    """Where each part lives: in folder, else (parts a training checkpoint may not repeat) in base_folder; and the
+    family, from the text encoders' configs (text_encoder/, text_encoder_2/, ...)."""
     if not folder.is_dir():
         raise ConfigError(f"diffusers model folder not found: {folder}")
-    dirs, missing = {}, []
-    for part, sub in (("unet", unet_subfolder), ("vae", "vae"), ("text_encoder", "text_encoder"),
-                      ("scheduler", "scheduler")):
-        found = next((d / sub for d in (folder, base_folder) if d is not None and (d / sub).is_dir()), None)
-        if found is None:
-            missing.append(sub + "/")
-        dirs[part] = found
+    roots = [d for d in (folder, base_folder) if d is not None]
+    encoders = ["text_encoder"] + sorted({p.name for r in roots for p in r.glob("text_encoder_*") if p.is_dir()})
+    wanted = {"unet": unet_subfolder, "vae": "vae", "scheduler": "scheduler", **{e: e for e in encoders}}
+    dirs = {part: next((r / sub for r in roots if (r / sub).is_dir()), None) for part, sub in wanted.items()}
+    missing = [wanted[part] + "/" for part, d in dirs.items() if d is None]
     if missing:
         where = f" or {base_folder}" if base_folder is not None else ""
         raise ConfigError(f"{folder}: not a diffusers Stable Diffusion folder (missing {', '.join(missing)}"
                           f"{where})")
-    return dirs
+    configs = [read_json(dirs[e] / "config.json", "text encoder config") for e in encoders]
+    return dirs, family_from_text_configs(configs, folder)
 
 
 def diffusers_folder_to_ldm(model_folder: Path, *, base_folder: Path | None = None, unet_subfolder: str = "unet"
                             ) -> tuple[dict[str, torch.Tensor], ModelFamily, str, dict]:
-    """(LDM state dict in the folder's dtypes, model family, prediction type, unet config)."""
-    d = _component_dirs(Path(model_folder), None if base_folder is None else Path(base_folder), unet_subfolder)
-    unet_cfg = read_json(d["unet"] / "config.json", "UNet config")
-    vae_cfg = read_json(d["vae"] / "config.json", "VAE config")
-    te_cfg = read_json(d["text_encoder"] / "config.json", "text encoder config")
+    """(LDM state dict in the folder's dtypes, model family, prediction type, diffusers configs by part)."""
+    d, family = _component_dirs(Path(model_folder), None if base_folder is None else Path(base_folder),
+                                unet_subfolder)
+    configs = {"unet": read_json(d["unet"] / "config.json", "UNet config"),
+               "vae": read_json(d["vae"] / "config.json", "VAE config"),
+               **{e.subfolder: read_json(d[e.subfolder] / "config.json", "text encoder config")
+                  for e in family.text_encoders}}
     sched_cfg = read_json(d["scheduler"] / "scheduler_config.json", "scheduler config")
-    sd = {**unet_to_ldm(read_weights(d["unet"]), unet_cfg),
-          **vae_to_ldm(read_weights(d["vae"]), vae_cfg),
-          **text_encoder_to_ldm(read_weights(d["text_encoder"]), te_cfg),
+    sd = {**unet_to_ldm(read_weights(d["unet"]), configs["unet"]),
+          **vae_to_ldm(read_weights(d["vae"]), configs["vae"]),
           **schedule_buffers(sched_cfg)}
-    family = family_from_text_configs([te_cfg], d["text_encoder"])
-    return sd, family, _prediction_type(sched_cfg), unet_cfg
+    for e in family.text_encoders:
+        sd.update(text_encoder_to_ldm(read_weights(d[e.subfolder]), configs[e.subfolder], e))
+    return sd, family, _prediction_type(sched_cfg), {**configs, "scheduler": sched_cfg}
+
+
+def _configs_header(configs: dict) -> dict[str, str]:
+    keep = {k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in configs.items() if k != "scheduler"}
+    return {DIFFUSERS_CONFIGS_KEY: json.dumps(keep, sort_keys=True)}
 
 
 def sidecar_name(family: ModelFamily, prediction_type: str) -> str | None:
@@ -78,7 +95,8 @@ def sidecar_name(family: ModelFamily, prediction_type: str) -> str | None:
 def save_single_file(model_folder: Path, out_path: Path, *, half: bool = True, fmt: Fmt = "safetensors",
                      base_folder: Path | None = None, unet_subfolder: str = "unet",
                      zero_terminal_snr: bool | None = None) -> Path:
-    """Convert a diffusers SD1/SD2 folder (unet/, vae/, text_encoder/, scheduler/) into one LDM checkpoint.
+    """Convert a diffusers SD1/SD2/SDXL folder (unet/, vae/, text_encoder/ [, text_encoder_2/], scheduler/) into one
+    LDM (SDXL: SGM) checkpoint.
 
     fp16 by default, fp32 with half=False. SD2 and v-prediction models also get `<stem>.yaml` next to the file
     (v2-inference.yaml, v2-inference-v.yaml or v1-inference-v.yaml), which web UIs need to pick the right config,
@@ -95,14 +113,13 @@ def save_single_file(model_folder: Path, out_path: Path, *, half: bool = True, f
     want = "." + fmt
     if out_path.suffix.lower() != want:
         raise ConfigError(f"{out_path}: a {fmt} checkpoint must be named *{want}")
-    sd, family, pred, unet_cfg = diffusers_folder_to_ldm(model_folder, base_folder=base_folder,
-                                                         unet_subfolder=unet_subfolder)
+    sd, family, pred, configs = diffusers_folder_to_ldm(model_folder, base_folder=base_folder,
+                                                        unet_subfolder=unet_subfolder)
     if zero_terminal_snr is None:
-        d = _component_dirs(Path(model_folder), None if base_folder is None else Path(base_folder), unet_subfolder)
-        sched_cfg = read_json(d["scheduler"] / "scheduler_config.json", "scheduler config")
-        zero_terminal_snr = bool(sched_cfg.get("rescale_betas_zero_snr"))
+        zero_terminal_snr = bool(configs["scheduler"].get("rescale_betas_zero_snr"))
     sd.update(marker_tensors(pred, zero_terminal_snr))
-    save_tensors(cast_weights(sd, half), out_path, fmt, _modelspec(family, pred, unet_cfg, out_path.stem))
+    header = {**_modelspec(family, pred, configs["unet"], out_path.stem), **_configs_header(configs)}
+    save_tensors(cast_weights(sd, half), out_path, fmt, header)
     _write_sidecar(out_path, sidecar_name(family, pred))
     return out_path
 

@@ -1,9 +1,10 @@
 """Original LDM single file (.safetensors / .ckpt) -> diffusers folder (`single_file_to_diffusers`), offline.
 
 The family (utils/sd/families.py) comes from the file's keys, the prediction type from the argument, a sidecar, the
-header or a marker. The conversion goes through diffusers' own LDM->diffusers functions, with the UNet/VAE configs
-derived from the yaml files shipped in utils/sd/ldm_configs/ and the real CLIP BPE tokenizer generated from the merge
-list shipped there, so nothing is fetched from a hub.
+header or a marker. The conversion goes through diffusers' own LDM->diffusers functions, with the diffusers configs
+our exporter wrote into the header (any architecture, the tiny test models included), else the UNet/VAE configs
+derived from the yaml files shipped in utils/sd/ldm_configs/ and the release text-encoder configs of the family
+record, and the real CLIP BPE tokenizer generated from the merge list shipped there: nothing is fetched from a hub.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import torch
 from utils.core.config_schema import ConfigError, read_json
 from utils.core.file_writes import replace_folder_atomic
 from utils.sd.families import CONFIG_DIR, PREDICTION_TYPES, ModelFamily, family_from_keys
+from utils.sd.ldm_export import DIFFUSERS_CONFIGS_KEY
 from utils.sd.ldm_files import read_single_file
-from utils.sd.ldm_keys import ldm_to_text_encoder, ldm_to_unet, ldm_to_vae
+from utils.sd.ldm_keys import in_model_naming, ldm_to_text_encoder, ldm_to_unet, ldm_to_vae
 from utils.sd.ldm_markers import V_PRED, ztsnr_scheduler_config
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,10 @@ def _yaml_prediction_type(yaml_path: Path) -> str:
         else None
     if not isinstance(params, dict):
         raise ConfigError(f"{yaml_path}: not an LDM config (no model.params)")
-    return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
+    # LDM yamls (SD1/SD2) say parameterization: "v"; SGM yamls (SDXL) name a V-scaling denoiser.
+    scaling = ((params.get("denoiser_config") or {}).get("params") or {}).get("scaling_config") or {}
+    v = params.get("parameterization") == "v" or "VScaling" in str(scaling.get("target", ""))
+    return "v_prediction" if v else "epsilon"
 
 
 def resolve_prediction_type(path: Path, family: ModelFamily, metadata: dict[str, str],
@@ -79,7 +84,8 @@ def diffusers_configs_from_ldm(original_config: dict, sd: dict[str, torch.Tensor
                                                      create_vae_diffusers_config_from_ldm)
     unet = create_unet_diffusers_config_from_ldm(original_config, sd)
     vae = create_vae_diffusers_config_from_ldm(original_config, sd)
-    latent = int(original_config["model"]["params"]["image_size"])
+    # SGM yamls (SDXL) name no image size: SDXL base is trained at 1024 px, 128 latent pixels.
+    latent = int(original_config["model"]["params"].get("image_size", 128))
     ch_mult = original_config["model"]["params"]["first_stage_config"]["params"]["ddconfig"]["ch_mult"]
     unet["sample_size"], vae["sample_size"] = latent, latent * 2 ** (len(ch_mult) - 1)
     if family.upcast_attention:
@@ -150,80 +156,114 @@ def _scheduler_config(original_config: dict, prediction_type: str, keys=()) -> d
 
 
 def write_diffusers_folder(sd: dict[str, torch.Tensor], out_folder: Path, *, unet_config: dict, vae_config: dict,
-                           text_config: dict, scheduler_config: dict, tokenizer_from: Path | None = None,
-                           family: ModelFamily, overwrite: bool = False,
-                           source: str | Path = "checkpoint") -> Path:
-    """Convert an LDM state dict with the given diffusers configs and write a loadable pipeline folder.
+                           text_configs: dict[str, dict], scheduler_config: dict,
+                           tokenizers_from: dict[str, Path] | None = None, family: ModelFamily,
+                           overwrite: bool = False, source: str | Path = "checkpoint") -> Path:
+    """Convert an LDM state dict with the given diffusers configs (text_configs: by text-encoder subfolder) and write
+    a loadable pipeline folder. tokenizers_from: tokenizer folders to copy, by tokenizer subfolder; the others are
+    the real CLIP tokenizer with the family's padding.
 
     Written under a temp name beside out_folder, then renamed, so an interrupted import leaves nothing half-done.
     """
+    import diffusers
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     out_folder = Path(out_folder)
     if out_folder.exists() and any(out_folder.iterdir()) and not overwrite:
         raise ConfigError(f"{out_folder}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
-    (encoder,) = family.text_encoders  # a two-encoder family (SDXL) needs a text config per encoder
+    tokenizers_from = tokenizers_from or {}
     # Built on the meta device and filled by assignment: no random init, no second copy of the weights.
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
         vae = AutoencoderKL.from_config(vae_config)
-        text_encoder = getattr(transformers, encoder.transformers_class)(
-            transformers.CLIPTextConfig.from_dict(text_config))
+        encoders = [getattr(transformers, e.transformers_class)(transformers.CLIPTextConfig.from_dict(
+            text_configs[e.subfolder])) for e in family.text_encoders]
     _load_strict(unet, ldm_to_unet(sd, unet_config), "UNet", source)
     _load_strict(vae, ldm_to_vae(sd, vae_config), "VAE", source)
-    _load_strict(text_encoder, ldm_to_text_encoder(sd, text_config), "text encoder", source)
+    for e, model in zip(family.text_encoders, encoders):
+        te_sd = in_model_naming(ldm_to_text_encoder(sd, text_configs[e.subfolder], e), model.state_dict())
+        _load_strict(model, te_sd, f"text encoder {e.subfolder}", source)
 
     def write(tmp: Path) -> None:
         unet.save_pretrained(tmp / "unet")
         vae.save_pretrained(tmp / "vae")
-        text_encoder.save_pretrained(tmp / encoder.subfolder)
         DDPMScheduler(**scheduler_config).save_pretrained(tmp / "scheduler")
-        if tokenizer_from is not None:
-            shutil.copytree(tokenizer_from, tmp / "tokenizer")
-        else:
-            write_clip_tokenizer(tmp / "tokenizer", pad_token=encoder.pad_token,
-                                 max_length=text_config.get("max_position_embeddings", 77))
-        import diffusers
-        (tmp / "model_index.json").write_text(json.dumps({
-            "_class_name": family.pipeline_class, "_diffusers_version": diffusers.__version__,
-            "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            encoder.subfolder: ["transformers", encoder.transformers_class],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"]}, indent=2), encoding="utf-8")
+        index = {"_class_name": family.pipeline_class, "_diffusers_version": diffusers.__version__,
+                 **family.pipeline_extras, "scheduler": ["diffusers", "DDPMScheduler"],
+                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+        if len(family.text_encoders) == 1:  # the SD1/SD2 pipeline's optional parts, as diffusers writes them
+            index.update({"feature_extractor": [None, None], "requires_safety_checker": False,
+                          "safety_checker": [None, None]})
+        for e, model in zip(family.text_encoders, encoders):
+            model.save_pretrained(tmp / e.subfolder)
+            tok = tmp / e.tokenizer_subfolder
+            if e.tokenizer_subfolder in tokenizers_from:
+                shutil.copytree(tokenizers_from[e.tokenizer_subfolder], tok)
+            else:
+                write_clip_tokenizer(tok, pad_token=e.pad_token,
+                                     max_length=text_configs[e.subfolder].get("max_position_embeddings", 77))
+            index[e.subfolder] = ["transformers", e.transformers_class]
+            index[e.tokenizer_subfolder] = ["transformers", "CLIPTokenizer"]
+        (tmp / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2), encoding="utf-8")
     return replace_folder_atomic(out_folder, write)
+
+
+def _header_configs(meta: dict[str, str], family: ModelFamily, source: Path) -> dict | None:
+    """The diffusers configs our exporter wrote into the header (ldm_export.DIFFUSERS_CONFIGS_KEY), or None."""
+    text = meta.get(DIFFUSERS_CONFIGS_KEY)
+    if text is None:
+        return None
+    try:
+        configs = json.loads(text)
+    except json.JSONDecodeError:
+        configs = None
+    wanted = {"unet", "vae", *(e.subfolder for e in family.text_encoders)}
+    if not isinstance(configs, dict) or not wanted <= set(configs):
+        log.warning("%s: header %s is not what this exporter writes; using the release configs", source,
+                    DIFFUSERS_CONFIGS_KEY)
+        return None
+    return configs
 
 
 def single_file_to_diffusers(path: Path, out_folder: Path, *, prediction_type: str | None = None,
                              config_folder: Path | None = None, overwrite: bool = False) -> Path:
-    """Convert an SD1.x / SD2.x LDM `.safetensors` or `.ckpt` into a diffusers folder, offline.
+    """Convert an SD1.x / SD2.x LDM or SDXL SGM `.safetensors` or `.ckpt` into a diffusers folder, offline.
 
-    The family comes from the keys (SD2: `cond_stage_model.model.*`). The prediction type comes from the
-    argument, else a `<stem>.yaml` sidecar (`parameterization: "v"`), else the file's ModelSpec header, else its
-    `v_pred` marker, else epsilon, so an SD2 768-v file with none of these needs prediction_type="v_prediction".
-    A `ztsnr` marker sets `rescale_betas_zero_snr` and trailing timesteps in the scheduler config.
-    config_folder: a diffusers folder whose unet/vae/text_encoder configs (and tokenizer/, if any) describe a
-    non-standard architecture; by default the shipped LDM yamls and the release CLIP configs are used.
-    Returns out_folder, which `StableDiffusionPipeline.from_pretrained` loads with HF_HUB_OFFLINE=1.
+    The family comes from the keys (SD2: `cond_stage_model.model.*`; SDXL: `conditioner.embedders.0/1.*`). The
+    prediction type comes from the argument, else a `<stem>.yaml` sidecar (`parameterization: "v"`, or a V-scaling
+    denoiser), else the file's ModelSpec header, else its `v_pred` marker, else epsilon, so an SD2 768-v file with
+    none of these needs prediction_type="v_prediction". A `ztsnr` marker sets `rescale_betas_zero_snr` and trailing
+    timesteps in the scheduler config.
+    The architecture comes from config_folder (a diffusers folder whose unet/vae/text_encoder* configs, and
+    tokenizer*/ if any, describe it), else from the diffusers configs in the header of a file this project
+    exported, else from the shipped yamls and the family's release text-encoder configs.
+    Returns out_folder, which the family's pipeline class loads with HF_HUB_OFFLINE=1.
     """
     path = Path(path)
     sd, meta = read_single_file(path)
     family = family_from_keys(sd, path)
     pred = resolve_prediction_type(path, family, meta, prediction_type, v_pred_marker=V_PRED in sd)
     original_config = load_original_config(family, pred)
-    tokenizer_from = None
+    tokenizers_from: dict[str, Path] = {}
+    header = _header_configs(meta, family, path)
     if config_folder is not None:
         config_folder = Path(config_folder)
-        unet_cfg = read_json(config_folder / "unet" / "config.json", "UNet config")
-        vae_cfg = read_json(config_folder / "vae" / "config.json", "VAE config")
-        text_cfg = read_json(config_folder / "text_encoder" / "config.json", "text encoder config")
-        if (config_folder / "tokenizer").is_dir():
-            tokenizer_from = config_folder / "tokenizer"
+        configs = {part: read_json(config_folder / part / "config.json", f"{part} config")
+                   for part in ("unet", "vae", *(e.subfolder for e in family.text_encoders))}
+        tokenizers_from = {e.tokenizer_subfolder: config_folder / e.tokenizer_subfolder for e in family.text_encoders
+                           if (config_folder / e.tokenizer_subfolder).is_dir()}
+    elif header is not None:
+        configs = header
     else:
         unet_cfg, vae_cfg = diffusers_configs_from_ldm(original_config, sd, family)
-        text_cfg = dict(family.text_encoders[0].import_config)
-    return write_diffusers_folder(sd, out_folder, unet_config=unet_cfg, vae_config=vae_cfg, text_config=text_cfg,
-                                  scheduler_config=_scheduler_config(original_config, pred, sd),
-                                  tokenizer_from=tokenizer_from, family=family, overwrite=overwrite,
-                                  source=path)
+        configs = {"unet": unet_cfg, "vae": vae_cfg,
+                   **{e.subfolder: dict(e.import_config) for e in family.text_encoders}}
+    for e in family.text_encoders:
+        if e.tokenizer_subfolder not in tokenizers_from and configs[e.subfolder].get("vocab_size", 49408) != 49408:
+            log.warning("%s: %s has a %s-token vocabulary, not CLIP's 49408; the CLIP tokenizer written to %s/ will "
+                        "not fit it (pass config_folder with that tokenizer)", path, e.subfolder,
+                        configs[e.subfolder]["vocab_size"], e.tokenizer_subfolder)
+    return write_diffusers_folder(sd, out_folder, unet_config=configs["unet"], vae_config=configs["vae"],
+                                  text_configs=configs, scheduler_config=_scheduler_config(original_config, pred, sd),
+                                  tokenizers_from=tokenizers_from, family=family, overwrite=overwrite, source=path)

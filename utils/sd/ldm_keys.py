@@ -1,8 +1,8 @@
 """Key renaming between diffusers state dicts and the original LDM single-file layout, both directions.
 
 diffusers -> LDM has no library function; the mapping below is derived from the UNet/VAE topology in the diffusers
-config (LDM numbers its UNet blocks linearly), so any SD1-topology model, including the tiny test models, maps with
-the same code. LDM -> diffusers goes through diffusers' own single-file functions. The text encoder's single-file
+config (LDM numbers its UNet blocks linearly), so any SD1/SD2/SDXL-topology model, including the tiny test models,
+maps with the same code. LDM -> diffusers goes through diffusers' own single-file functions. The text encoder's single-file
 layout ("hf_clip" or "open_clip") and key prefix come from its family record (utils/sd/families.py).
 """
 from __future__ import annotations
@@ -49,7 +49,9 @@ def _unet_prefix_map(config: dict) -> dict[str, str]:
     m = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
          "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
          "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
-         "mid_block.resnets.1.": "middle_block.2."}
+         "mid_block.resnets.1.": "middle_block.2.",
+         # SDXL's "text_time" added embedding (pooled text + size/crop numbers): SGM's label_emb MLP
+         "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}
     for i in range(levels):
         for j in range(per):
             n = i * (per + 1) + j + 1
@@ -139,14 +141,24 @@ def _strip_text_model(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("text_model."): v for k, v in sd.items()}
 
 
+def in_model_naming(sd: dict[str, torch.Tensor], model_keys) -> dict[str, torch.Tensor]:
+    """A text-encoder state dict from ldm_to_text_encoder (no `text_model.` prefix) in the naming of the model that
+    loads it: transformers 4.x, and 5.x's CLIPTextModelWithProjection, nest the transformer under `text_model.`."""
+    if not any(k.startswith("text_model.") for k in model_keys):
+        return sd
+    return {k if k.startswith("text_projection.") else "text_model." + k: v for k, v in sd.items()}
+
+
 def text_encoder_of(config: dict) -> TextEncoder:
-    """The family record of the (single) text encoder this transformers config describes."""
-    # An SDXL-style family has two; its caller will pick one by subfolder instead.
+    """The family record of the single text encoder of a one-encoder family this transformers config describes;
+    callers converting a family with several (SDXL) pass the record itself."""
     return family_from_text_configs([config], "text_encoder").text_encoders[0]
 
 
-def clip_to_ldm(sd: dict[str, torch.Tensor], config: dict, prefix: str) -> dict[str, torch.Tensor]:
-    """SD1: the HF CLIPTextModel state dict as the original release stored it (transformers 4.x names)."""
+def clip_to_ldm(sd: dict[str, torch.Tensor], config: dict, encoder: TextEncoder) -> dict[str, torch.Tensor]:
+    """SD1 (and SDXL's first encoder): the HF CLIPTextModel state dict as the original releases stored it
+    (transformers 4.x names)."""
+    prefix = encoder.single_file_prefix
     out = {}
     for k, v in _strip_text_model(sd).items():
         if k == "embeddings.position_ids":
@@ -165,15 +177,17 @@ _OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "ml
                     "self_attn.out_proj": "attn.out_proj"}
 
 
-def open_clip_to_ldm(sd: dict[str, torch.Tensor], config: dict, prefix: str) -> dict[str, torch.Tensor]:
-    """SD2: diffusers' CLIPTextModel (N layers) -> OpenCLIP text tower (N + 1 resblocks), q/k/v fused to in_proj.
+def open_clip_to_ldm(sd: dict[str, torch.Tensor], config: dict, encoder: TextEncoder) -> dict[str, torch.Tensor]:
+    """SD2 / SDXL's second encoder: diffusers' CLIPTextModel(WithProjection) (N layers) -> OpenCLIP text tower
+    (N + encoder.file_extra_layers resblocks), q/k/v fused to in_proj.
 
     SD2 releases hold 24 resblocks but condition on the penultimate one, which is why diffusers keeps 23. Web UIs
     expect all 24, so the last is written as a copy of the one before it (kohya does the same); nothing in SD2
-    inference reads it. `text_projection` (identity) and `logit_scale` (log 100, where trained OpenCLIP models end)
-    are likewise unused placeholders unless the folder has a real projection.
+    inference reads it. SDXL keeps all 32 in both layouts. `text_projection` (SDXL: the real one, transposed; SD2:
+    identity) and `logit_scale` (log 100, where trained OpenCLIP models end) are written as the releases have them;
+    only SDXL's projection is read by inference (its pooled output).
     """
-    P, out, qkv, unknown = prefix, {}, {}, []
+    P, out, qkv, unknown = encoder.single_file_prefix, {}, {}, []
     for k, v in _strip_text_model(sd).items():
         if k == "embeddings.position_ids":
             continue
@@ -203,8 +217,9 @@ def open_clip_to_ldm(sd: dict[str, torch.Tensor], config: dict, prefix: str) -> 
         out[f"{P}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     n = config["num_hidden_layers"]
     last = f"{P}transformer.resblocks.{n - 1}."
-    for k in [k for k in out if k.startswith(last)]:
-        out[f"{P}transformer.resblocks.{n}." + k[len(last):]] = out[k].clone()
+    for extra in range(n, n + encoder.file_extra_layers):
+        for k in [k for k in out if k.startswith(last)]:
+            out[f"{P}transformer.resblocks.{extra}." + k[len(last):]] = out[k].clone()
     ref = out[P + "token_embedding.weight"]
     if P + "text_projection" not in out:
         out[P + "text_projection"] = torch.eye(ref.shape[1], dtype=ref.dtype)
@@ -212,10 +227,13 @@ def open_clip_to_ldm(sd: dict[str, torch.Tensor], config: dict, prefix: str) -> 
     return out
 
 
-def text_encoder_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    encoder = text_encoder_of(config)
+def text_encoder_to_ldm(sd: dict[str, torch.Tensor], config: dict, encoder: TextEncoder | None = None
+                        ) -> dict[str, torch.Tensor]:
+    """One text encoder's state dict -> its single-file keys (encoder: its family record; by default the one a
+    one-encoder family with this config has)."""
+    encoder = encoder or text_encoder_of(config)
     to_ldm = open_clip_to_ldm if encoder.layout == "open_clip" else clip_to_ldm
-    return to_ldm(sd, config, encoder.single_file_prefix)
+    return to_ldm(sd, config, encoder)
 
 
 def schedule_buffers(scheduler_config: dict) -> dict[str, torch.Tensor]:
@@ -259,25 +277,27 @@ def ldm_to_vae(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Ten
     return convert_ldm_vae_checkpoint(sd, config)
 
 
-def ldm_to_text_encoder(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """CLIPTextModel state dict in transformers 5.x naming (no `text_model.` prefix), from the single-file layout
-    of the family whose text encoder `config` describes."""
+def ldm_to_text_encoder(sd: dict[str, torch.Tensor], config: dict, encoder: TextEncoder | None = None
+                        ) -> dict[str, torch.Tensor]:
+    """CLIPTextModel(WithProjection) state dict in transformers 5.x naming (no `text_model.` prefix), from the
+    single-file layout of `encoder` (by default the one a one-encoder family with this config has)."""
     from types import SimpleNamespace
 
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
-    encoder = text_encoder_of(config)
+    encoder = encoder or text_encoder_of(config)
+    keep_projection = encoder.transformers_class == "CLIPTextModelWithProjection"
     if encoder.layout == "open_clip":
         stub = SimpleNamespace(config=SimpleNamespace(hidden_size=config["hidden_size"]))
         out = _strip_text_model(convert_open_clip_checkpoint(stub, sd, prefix=encoder.single_file_prefix))
         n = config["num_hidden_layers"]
 
-        def keep(k: str) -> bool:  # the unused last resblock, the projection and logit_scale have no place here
+        def keep(k: str) -> bool:  # SD2's unused last resblock, and its identity projection, have no place here
             m = re.match(r"encoder\.layers\.(\d+)\.", k)
-            return not (m and int(m[1]) >= n) and k != "text_projection.weight"
+            return not (m and int(m[1]) >= n) and (keep_projection or k != "text_projection.weight")
         out = {k: v for k, v in out.items() if keep(k)}
     else:
         # Some tools already write 5.x names under cond_stage_model.transformer.; stripping covers both.
-        out = _strip_text_model(convert_ldm_clip_checkpoint(sd))
+        out = _strip_text_model(convert_ldm_clip_checkpoint(sd, remove_prefix=encoder.single_file_prefix))
     out.pop("embeddings.position_ids", None)  # a non-persistent buffer in transformers 5.x
     return out
 
