@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.conftest import base_args, checkpoint_weights, only_run, read_metrics, run_train
+from tests.integration.conftest import base_args, checkpoint_weights, make_dataset, only_run, read_metrics, run_train
 
 
 def final_ckpt(logdir: Path) -> Path:
@@ -20,7 +20,7 @@ def quick_prompts(folder: Path) -> str:
     return str(path)
 
 
-def test_sdxl_trains_both_text_encoders_samples_and_saves(tiny_sdxl_folder, dataset, tmp_path, monkeypatch):
+def test_sdxl_trains_both_text_encoders_samples_and_saves(tiny_sdxl_folder, tmp_path, monkeypatch):
     import utils.run.train_step as step_module
     seen = []
     real_loss = step_module.compute_loss
@@ -30,8 +30,10 @@ def test_sdxl_trains_both_text_encoders_samples_and_saves(tiny_sdxl_folder, data
         return real_loss(*args, **kwargs)
     monkeypatch.setattr(step_module, "compute_loss", recording_loss)
     logdir = tmp_path / "logs"
+    # several aspect buckets at resolution 128
+    dataset = make_dataset(tmp_path / "data", sizes=((128, 128), (192, 128), (128, 192), (256, 128)))
     argv = base_args(tiny_sdxl_folder, dataset, logdir, max_epochs=2, sample_steps=3, save_every_n_epochs=1,
-                     sample_prompts=quick_prompts(tmp_path))
+                     sample_prompts=quick_prompts(tmp_path), resolution=128)
     assert run_train(argv) == 0
     run = only_run(logdir)
     # several aspect buckets: the time ids' target size is each batch's bucket, (height, width)
@@ -84,3 +86,38 @@ def test_sdxl_resume_mid_epoch_equals_straight_run(tiny_sdxl_folder, dataset, tm
     assert a.keys() == b.keys() and any(k.startswith("text_encoder_2.") for k in a)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-6, f"resumed run differs from the straight run by {worst}"
+
+
+def test_sdxl_trains_only_the_second_text_encoder_when_optimizer_json_freezes_the_first(tiny_sdxl_folder, dataset,
+                                                                                        tmp_path):
+    """OneTrainer's TENC1/TENC2 split: optimizer.json's freeze_all on text_encoder_freezing keeps CLIP-L exact while
+    OpenCLIP-bigG trains, with its own learning rate."""
+    opt = tmp_path / "optimizer.json"
+    opt.write_text(json.dumps({"base": {"optimizer": "adamw", "lr": 1e-3},
+                               "text_encoder_freezing": {"freeze_all": True},
+                               "text_encoder_2_overrides": {"lr": 5e-4}}))
+    logdir = tmp_path / "logs"
+    assert run_train(base_args(tiny_sdxl_folder, dataset, logdir, max_epochs=1, optimizer_config=str(opt),
+                               lr=None)) == 0
+    before, after = checkpoint_weights(tiny_sdxl_folder), checkpoint_weights(final_ckpt(logdir))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("text_encoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("text_encoder_2."))
+    lrs = [m for m in read_metrics(only_run(logdir)) if "hyperparameter/lr text encoder 2" in m]
+    assert lrs and lrs[0]["hyperparameter/lr text encoder 2"] == pytest.approx(5e-4)
+    assert all("hyperparameter/lr text encoder" not in m for m in read_metrics(only_run(logdir)))
+
+
+def test_sdxl_with_cached_latents_validation_and_ema(tiny_sdxl_folder, dataset, tmp_path):
+    """The latent cache's centre crops give their own time ids; validation builds SDXL's conditioning too."""
+    vfile = tmp_path / "val.json"
+    vfile.write_text(json.dumps({"val_split_mode": "automatic", "auto_split_proportion": 0.25, "seed": 3,
+                                 "every_n_epochs": 1}))
+    logdir = tmp_path / "logs"
+    assert run_train(base_args(tiny_sdxl_folder, dataset, logdir, max_epochs=2, cache_latents=True,
+                               latent_cache_dir=str(tmp_path / "cache"), validation_config=str(vfile),
+                               ema_decay_rate=0.9, ema_update_interval=1)) == 0
+    metrics = read_metrics(only_run(logdir))
+    val = [m for m in metrics if any(k.startswith("loss/val") for k in m)]
+    assert val and all(torch.isfinite(torch.tensor(v)) for m in val for k, v in m.items() if k.startswith("loss/"))
+    ckpt = final_ckpt(logdir)
+    assert (ckpt.with_name(ckpt.name + "_ema") / "text_encoder_2").is_dir()
