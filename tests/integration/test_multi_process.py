@@ -309,3 +309,16 @@ def test_cached_latents_on_two_processes_equal_one_process(tiny_sd_folder, data6
     assert len(list(cache.rglob("*.safetensors"))) == len(list((work / "latents_one").rglob("*.safetensors"))) == 6
     a, b = (only_run(d) / "ckpts" / "last-t-ep02-gs00004" for d in (one, two))
     assert max_diff(a, b) <= 1e-5
+
+
+def test_sdxl_on_two_processes_trains_like_one_process_with_accumulation(tiny_sdxl_folder, data6, work):
+    """Both SDXL text encoders wrapped in DDP, the pooled embedding and time ids: 2 processes x batch 2 equal one
+    process with grad_accum 2 (same batches, noise and averaged gradients)."""
+    one, two = work / "sdxl_one", work / "sdxl_two"
+    assert run_train(base_args(tiny_sdxl_folder, data6, one, grad_accum=2)) == 0
+    proc = launch(work / "cwd_sdxl", base_args(tiny_sdxl_folder, data6, two))
+    assert proc.returncode == 0, output(proc)[-4000:]
+    a, b = only_run(one) / "ckpts" / "last-t-ep02-gs00004", only_run(two) / "ckpts" / "last-t-ep02-gs00004"
+    assert (b / "text_encoder_2").is_dir()
+    worst = max_diff(a, b)
+    assert worst <= 1e-5, f"2 processes differ from 1 process with grad_accum 2 by {worst}"
