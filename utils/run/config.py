@@ -22,10 +22,11 @@ CONFIG_VERSION = 1
 @dataclass
 class TrainConfig:
     # --- model and data ---
-    resume_ckpt: str = doc("", "Model to start from: a local diffusers folder, a hub id (needs network), "
-                               "'findlast' (newest checkpoint under logdir), or a model built locally: "
-                               "'builtin:tiny-sd-quickstart' (the quickstart's; its VAE reconstructs images), "
-                               "'builtin:tiny-sd' (the tests'), 'builtin:sd15' / 'builtin:sd21' (random weights, "
+    resume_ckpt: str = doc("", "Model to start from (SD1.x, SD2.x or SDXL): a local diffusers folder, a single "
+                               ".safetensors/.ckpt file, a hub id (needs network), 'findlast' (newest checkpoint "
+                               "under logdir), or a model built locally: 'builtin:tiny-sd-quickstart' (the "
+                               "quickstart's; its VAE reconstructs images), 'builtin:tiny-sd' / 'builtin:tiny-sdxl' "
+                               "(the tests'), 'builtin:sd15' / 'builtin:sd21' / 'builtin:sdxl' (random weights, "
                                "for benchmarks).")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = doc(
         "auto", "What the model predicts. auto: from the model's scheduler config (or a single file's .yaml "
