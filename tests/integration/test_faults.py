@@ -330,33 +330,33 @@ def _write_config(path: Path, config: dict) -> None:
     path.write_text(json.dumps(config))
 
 
-def test_an_sdxl_model_is_refused_before_training(dataset, tmp_path, capsys):
-    """An SDXL diffusers folder loaded as SD1 and failed at the first step with a TypeError. Its configs alone
-    (no weights here) must refuse it, naming it."""
-    folder = tmp_path / "sdxl"
+def test_an_sdxl_refiner_is_refused_before_training(dataset, tmp_path, capsys):
+    """A model of an architecture the trainer does not train (here the SDXL refiner: its own pipeline class,
+    OpenCLIP-G alone) loaded as a supported one and failed at the first step. Its configs alone (no weights here)
+    must refuse it, naming it."""
+    folder = tmp_path / "refiner"
     _write_config(folder / "model_index.json", {
-        "_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
+        "_class_name": "StableDiffusionXLImg2ImgPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]})
     _write_config(folder / "unet" / "config.json", {"_class_name": "UNet2DConditionModel", "in_channels": 4,
-                                                    "addition_embed_type": "text_time", "cross_attention_dim": 2048})
-    _write_config(folder / "text_encoder" / "config.json", {"hidden_size": 768})
+                                                    "addition_embed_type": "text_time", "cross_attention_dim": 1280})
     _write_config(folder / "text_encoder_2" / "config.json", {"hidden_size": 1280})
+    _write_config(folder / "text_encoder" / "config.json", {"hidden_size": 768})  # what preflight looks for
     rc = run_train(base_args(folder, dataset, tmp_path / "logs"))
     err = capsys.readouterr().err
     assert_one_line_error(rc, err)
-    assert err.rsplit("\r", 1)[-1] == (f"error: {folder} is an SDXL model (StableDiffusionXLPipeline, text_encoder_2/, unet "
-                   f"addition_embed_type 'text_time'); this trainer supports SD1.x and SD2.x\n")
+    assert err.rsplit("\r", 1)[-1] == (f"error: {folder} is a StableDiffusionXLImg2ImgPipeline model; this trainer "
+                                       f"supports SD1.x, SD2.x and SDXL text-to-image models (StableDiffusionPipeline, "
+                                       f"StableDiffusionXLPipeline)\n")
     # a single file, by its key names
     from safetensors.torch import save_file
-    single = tmp_path / "sdxl.safetensors"
-    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4),
-               "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(4),
+    single = tmp_path / "refiner.safetensors"
+    save_file({"conditioner.embedders.0.model.ln_final.weight": torch.zeros(4),
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
                "first_stage_model.encoder.conv_in.weight": torch.zeros(8, 3, 3, 3)}, str(single))
     rc = run_train(base_args(single, dataset, tmp_path / "logs2"))
     err = capsys.readouterr().err
-    assert_one_line_error(rc, err, f"{single} is an SDXL model", "this trainer supports SD1.x and SD2.x")
+    assert_one_line_error(rc, err, f"{single} is an SDXL refiner", "this trainer supports SD1.x, SD2.x and SDXL")
 
 
 def test_every_file_of_a_run_gets_the_permissions_the_umask_gives(dataset, tmp_path):

@@ -19,7 +19,7 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m utils.convert_ldm",
-                                description="Convert Stable Diffusion 1.x/2.x between diffusers folders and "
+                                description="Convert Stable Diffusion 1.x/2.x/XL between diffusers folders and "
                                             "single-file LDM checkpoints (offline).")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("to-single", help="diffusers folder -> .safetensors/.ckpt (+ .yaml sidecar for SD2 / v)")

@@ -13,14 +13,16 @@ import torch
 
 from utils.core.config_schema import ConfigError, read_json
 from utils.core.file_writes import write_atomic
-from utils.sd.families import UNET_PREFIX, VAE_PREFIX, family_from_keys
+from utils.sd.families import FAMILIES, UNET_PREFIX, VAE_PREFIX, family_from_keys
 from utils.sd.ldm_keys import SCHEDULE_BUFFERS
 from utils.sd.ldm_markers import MARKER_KEYS
 from utils.sd.model_arch import check_single_file_keys
 
 log = logging.getLogger(__name__)
 
-MODEL_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.")
+# What pruning keeps: UNet, VAE and every family's text encoders (SD1/SD2 cond_stage_model.*, SDXL conditioner.*).
+MODEL_PREFIXES = (UNET_PREFIX, VAE_PREFIX,
+                  *dict.fromkeys(e.single_file_prefix for f in FAMILIES.values() for e in f.text_encoders))
 
 Fmt = Literal["safetensors", "ckpt"]
 
@@ -147,7 +149,7 @@ def prune_state_dict(sd: dict[str, torch.Tensor], *, half: bool = True, use_ema:
 
 def prune_single_file(in_path: Path, out_path: Path, *, half: bool = True, use_ema: bool = False,
                       fmt: Fmt | None = None) -> Path:
-    """Write a pruned copy of an SD1/SD2 single file (format from out_path's suffix unless fmt is given)."""
+    """Write a pruned copy of an SD1/SD2/SDXL single file (format from out_path's suffix unless fmt is given)."""
     in_path, out_path = Path(in_path), Path(out_path)
     sd, meta = read_single_file(in_path)
     family_from_keys(sd, in_path)
