@@ -22,7 +22,6 @@ import torch
 
 from utils.eval.sample_config import SampleConfig, SampleRequest
 from utils.eval.sample_schedulers import make_sampling_scheduler
-from utils.sd.models import tokenizer_subfolder
 from utils.sd.text_conditioning import Conditioning, conditioning_for, tokenize_all
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -38,10 +37,10 @@ def build_pipeline(sd, *, scheduler: str = "ddim", zero_terminal_snr: bool = Fal
     cls = getattr(diffusers, sd.family.pipeline_class)
     parts = {"unet": sd.unet, "vae": sd.vae,
              "scheduler": make_sampling_scheduler(scheduler, sd.scheduler_config, zero_terminal_snr=zero_terminal_snr)}
-    for (name, module), tokenizer in zip(sd.text_encoder_parts(), sd.tokenizers):
-        parts[name], parts[tokenizer_subfolder(name)] = module, tokenizer
+    parts.update(sd.text_encoder_parts())
+    parts.update(sd.tokenizer_parts())
     accepted = inspect.signature(cls.__init__).parameters
-    parts.update({k: v for k, v in _UNUSED_PIPELINE_PARTS.items() if k in accepted})
+    parts.update({k: v for k, v in {**_UNUSED_PIPELINE_PARTS, **sd.family.pipeline_extras}.items() if k in accepted})
     pipe = cls(**parts)
     pipe.set_progress_bar_config(disable=not show_progress)
     return pipe

@@ -22,7 +22,6 @@ from utils.run.loader import close_loader
 from utils.run.run_state import Run
 from utils.sd.ldm_export import save_single_file
 from utils.sd.ema import ema_weights
-from utils.sd.models import tokenizer_subfolder
 
 log = get_logger()
 
@@ -133,7 +132,7 @@ def write_model_folder(run: Run, folder: Path) -> None:
             module.save_pretrained(folder / part, safe_serialization=True)
         else:
             shutil.copytree(src / part, folder / part)
-    for part in ["vae", *(tokenizer_subfolder(name) for name, _ in models.sd.text_encoder_parts())]:
+    for part in ["vae", *(name for name, _ in models.sd.tokenizer_parts())]:
         if (src / part).exists():
             shutil.copytree(src / part, folder / part)
     # the scheduler config as trained (a prediction_type override included), so a resume sees the same

@@ -46,6 +46,10 @@ class SDModel:
         """(diffusers subfolder, module) of each text encoder, e.g. [("text_encoder", ...), ("text_encoder_2", ...)]."""
         return [(spec.subfolder, module) for spec, module in zip(self.family.text_encoders, self.text_encoders)]
 
+    def tokenizer_parts(self) -> list[tuple[str, object]]:
+        """(diffusers subfolder, tokenizer) of each text encoder's tokenizer."""
+        return [(spec.tokenizer_subfolder, tok) for spec, tok in zip(self.family.text_encoders, self.tokenizers)]
+
 
 def _is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and (path / "unet").is_dir() and (path / "text_encoder").is_dir()
@@ -107,11 +111,6 @@ def _download_from_hub(repo_id: str) -> Path:
     return folder
 
 
-def tokenizer_subfolder(text_encoder_subfolder: str) -> str:
-    """diffusers' naming: text_encoder -> tokenizer, text_encoder_2 -> tokenizer_2."""
-    return text_encoder_subfolder.replace("text_encoder", "tokenizer")
-
-
 def load_sd_model(folder: Path, prediction_type: str | None = None) -> SDModel:
     """Load the parts from a local diffusers folder (fp32; the trainer casts what it does not train): UNet, VAE,
     and the family's text encoders with their tokenizers. prediction_type overrides the scheduler config's (for
@@ -127,7 +126,7 @@ def load_sd_model(folder: Path, prediction_type: str | None = None) -> SDModel:
         text_encoders = tuple(getattr(transformers, spec.transformers_class).from_pretrained(
             folder, subfolder=spec.subfolder, torch_dtype=torch.float32) for spec in family.text_encoders)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
-        tokenizers = tuple(CLIPTokenizer.from_pretrained(folder, subfolder=tokenizer_subfolder(spec.subfolder))
+        tokenizers = tuple(CLIPTokenizer.from_pretrained(folder, subfolder=spec.tokenizer_subfolder)
                            for spec in family.text_encoders)
     except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"cannot load the model in {folder}: {e}") from None
