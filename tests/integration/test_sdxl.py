@@ -121,3 +121,18 @@ def test_sdxl_with_cached_latents_validation_and_ema(tiny_sdxl_folder, dataset, 
     assert val and all(torch.isfinite(torch.tensor(v)) for m in val for k, v in m.items() if k.startswith("loss/"))
     ckpt = final_ckpt(logdir)
     assert (ckpt.with_name(ckpt.name + "_ema") / "text_encoder_2").is_dir()
+
+
+def test_the_sdxl_24gb_preset_runs_end_to_end_on_the_tiny_model(tiny_sdxl_folder, dataset, tmp_path, monkeypatch):
+    """examples/train_sdxl_24gb.json as shipped (its optimizer file, the step in the backward pass, activation
+    recomputation, cached latents and text-encoder outputs), only the model, data and size made tiny."""
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)   # the preset names its optimizer file relative to the repository
+    logdir = tmp_path / "logs"
+    argv = ["--config", "examples/train_sdxl_24gb.json", "--resume_ckpt", str(tiny_sdxl_folder),
+            "--data_root", str(dataset), "--logdir", str(logdir), "--resolution", "64", "--batch_size", "2",
+            "--max_epochs", "1", "--sample_prompts", "null", "--num_workers", "0",
+            "--latent_cache_dir", str(tmp_path / "cache")]
+    assert run_train(argv) == 0
+    saved = json.loads((final_ckpt(logdir) / "train.json").read_text())
+    assert saved["fused_backward_pass"] and saved["cache_latents"] and saved["gradient_checkpointing"]

@@ -211,3 +211,18 @@ def test_sync_sites_count_the_lines_that_made_the_host_wait():
     assert sync_sites(records) == {"step.py:55": 2, "trainer.py:751": 1}
     assert list(sync_sites(records)) == ["step.py:55", "trainer.py:751"]
     assert sync_sites([]) == {}
+
+
+def test_sdxl_flops_count_both_text_encoders_and_the_added_conditioning():
+    """The SDXL family's step (two encoders, pooled embedding and time ids into the UNet) counts on the meta
+    device; training the encoders adds their backward pass."""
+    from transformers import CLIPTextConfig
+    from utils.sd.builtin_models import BUILTINS, SECOND_TEXT_ENCODER
+    from utils.sd.families import FAMILIES
+    unet, clip, vae = BUILTINS["tiny-sdxl"][:3]
+    configs = [CLIPTextConfig(**clip), CLIPTextConfig(**SECOND_TEXT_ENCODER["tiny-sdxl"])]
+    frozen = training_flops_per_image(FAMILIES["sdxl"], unet, configs, None, width=64, height=64,
+                                      train_text_encoders=[False, False])
+    trained = training_flops_per_image(FAMILIES["sdxl"], unet, configs, None, width=64, height=64,
+                                       train_text_encoders=[True, True])
+    assert 0 < frozen < trained

@@ -160,7 +160,8 @@ def test_config_versions_migrate_one_step_at_a_time(tmp_path):
         load_config(["--config", p])
 
 
-@pytest.mark.parametrize("name", ["train.json", "examples/train_24gb_fast.json", "examples/train_12gb.json"])
+@pytest.mark.parametrize("name", ["train.json", "examples/train_24gb_fast.json", "examples/train_12gb.json",
+                                  "examples/train_sdxl_24gb.json"])
 def test_shipped_configs_pass_the_trainers_checks(name, monkeypatch):
     """The memory and speed presets combine options with conditions (fused_backward_pass with optimizer.json's
     optimizer, grad_accum and clip_grad_norm): the trainer's own checks, which run before any model loads, pass."""
