@@ -148,3 +148,35 @@ def test_pruning_keeps_both_text_encoders(sdxl_file, tmp_path):
     got, _ = read_single_file(prune_single_file(sdxl_file, tmp_path / "pruned.safetensors", half=False))
     ref, _ = read_single_file(sdxl_file)
     assert set(got) == set(ref)
+
+
+def test_a_tiny_vocabulary_tokenizer_travels_in_the_header(sdxl_file, tiny_sdxl_folder, tmp_path):
+    """The built-in models' character-level tokenizers are not CLIP's: the export carries them, so the imported
+    folder tokenizes as the original (a training run can start from the file), and a file without them is refused
+    in one line instead of an index error at the first step."""
+    from transformers import CLIPTokenizer
+    from utils.core.config_schema import ConfigError
+    out = I.single_file_to_diffusers(sdxl_file, tmp_path / "back")
+    for sub in ("tokenizer", "tokenizer_2"):
+        a, b = CLIPTokenizer.from_pretrained(tiny_sdxl_folder / sub), CLIPTokenizer.from_pretrained(out / sub)
+        assert len(a) == len(b) and a("a red ball").input_ids == b("a red ball").input_ids
+    from safetensors.torch import save_file
+    sd, meta = read_single_file(sdxl_file)
+    meta.pop(E.TOKENIZERS_KEY)
+    plain = tmp_path / "plain.safetensors"
+    save_file(sd, str(plain), metadata=meta)
+    with pytest.raises(ConfigError, match=r"plain.safetensors: text_encoder has a 514-token vocabulary.*"
+                                          r"--config_folder"):
+        I.single_file_to_diffusers(plain, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_larger_than_its_text_encoder_is_refused_in_one_line(tiny_sdxl_folder, tmp_path):
+    from utils.core.config_schema import ConfigError
+    from utils.sd.models import load_sd_model
+    folder = shutil.copytree(tiny_sdxl_folder, tmp_path / "m")
+    shutil.rmtree(folder / "tokenizer_2")
+    I.write_clip_tokenizer(folder / "tokenizer_2", pad_token="!")     # CLIP's 49408 tokens for a 514-token encoder
+    with pytest.raises(ConfigError, match=r"tokenizer_2: the tokenizer has 49408 tokens, but text_encoder_2 embeds "
+                                          r"only 514"):
+        load_sd_model(folder)

@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None,
                    help="override the sidecar yaml; needed for SD2 768-v files that come without one")
     b.add_argument("--overwrite", action="store_true", help="replace out_folder if it exists")
+    b.add_argument("--config_folder", type=Path, default=None,
+                   help="a diffusers folder of the same architecture: its configs and tokenizers are used "
+                        "(for a model that is not a release architecture and whose file does not carry them)")
     c = sub.add_parser("prune", help="drop EMA/optimizer state from a single file and halve it")
     c.add_argument("file", type=Path)
     c.add_argument("out", type=Path)
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}" + (f" and {sidecar}" if sidecar.is_file() else ""))
         elif args.command == "to-diffusers":
             out = single_file_to_diffusers(args.file, args.out_folder, prediction_type=args.prediction_type,
-                                           overwrite=args.overwrite)
+                                           config_folder=args.config_folder, overwrite=args.overwrite)
             print(f"wrote {out}")
         else:
             out = prune_single_file(args.file, args.out, half=not args.fp32, use_ema=args.use_ema)

@@ -27,6 +27,11 @@ from utils.sd.ldm_markers import marker_tensors
 # Header key holding {"unet": ..., "vae": ..., "<text encoder subfolder>": ...}: the diffusers configs of the exported
 # parts, as JSON. Web UIs ignore it; ldm_import reads it back, so a model of any size converts both ways.
 DIFFUSERS_CONFIGS_KEY = "diffusers.configs"
+# Header key holding {"<tokenizer subfolder>": {"<file name>": "<text>"}}: the tokenizer files of text encoders whose
+# vocabulary is not CLIP's (the built-in tiny models' character-level one), which import cannot rebuild from the
+# shipped CLIP BPE. Real SD files never need it.
+TOKENIZERS_KEY = "diffusers.tokenizers"
+CLIP_VOCAB_SIZE = 49408
 
 
 def _prediction_type(scheduler_config: dict) -> str:
@@ -87,6 +92,20 @@ def _configs_header(configs: dict) -> dict[str, str]:
     return {DIFFUSERS_CONFIGS_KEY: json.dumps(keep, sort_keys=True)}
 
 
+def _tokenizers_header(folder: Path, base_folder: Path | None, family: ModelFamily, configs: dict) -> dict[str, str]:
+    """TOKENIZERS_KEY for the text encoders whose vocabulary is not CLIP's (nothing for real SD models)."""
+    files = {}
+    for e in family.text_encoders:
+        if configs[e.subfolder].get("vocab_size", CLIP_VOCAB_SIZE) == CLIP_VOCAB_SIZE:
+            continue
+        tok = next((r / e.tokenizer_subfolder for r in (folder, base_folder)
+                    if r is not None and (r / e.tokenizer_subfolder).is_dir()), None)
+        if tok is not None:
+            files[e.tokenizer_subfolder] = {p.name: p.read_text(encoding="utf-8") for p in sorted(tok.iterdir())
+                                            if p.is_file()}
+    return {TOKENIZERS_KEY: json.dumps(files, sort_keys=True)} if files else {}
+
+
 def sidecar_name(family: ModelFamily, prediction_type: str) -> str | None:
     """The shipped yaml that must sit next to an exported file, or None (SD1 epsilon: web UIs' default)."""
     return family.prediction[prediction_type].sidecar
@@ -118,7 +137,8 @@ def save_single_file(model_folder: Path, out_path: Path, *, half: bool = True, f
     if zero_terminal_snr is None:
         zero_terminal_snr = bool(configs["scheduler"].get("rescale_betas_zero_snr"))
     sd.update(marker_tensors(pred, zero_terminal_snr))
-    header = {**_modelspec(family, pred, configs["unet"], out_path.stem), **_configs_header(configs)}
+    header = {**_modelspec(family, pred, configs["unet"], out_path.stem), **_configs_header(configs),
+              **_tokenizers_header(Path(model_folder), base_folder, family, configs)}
     save_tensors(cast_weights(sd, half), out_path, fmt, header)
     _write_sidecar(out_path, sidecar_name(family, pred))
     return out_path

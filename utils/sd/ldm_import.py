@@ -12,6 +12,7 @@ import gzip
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from utils.core.config_schema import ConfigError, read_json
 from utils.core.file_writes import replace_folder_atomic
 from utils.sd.families import CONFIG_DIR, PREDICTION_TYPES, ModelFamily, family_from_keys
-from utils.sd.ldm_export import DIFFUSERS_CONFIGS_KEY
+from utils.sd.ldm_export import CLIP_VOCAB_SIZE, DIFFUSERS_CONFIGS_KEY, TOKENIZERS_KEY
 from utils.sd.ldm_files import read_single_file
 from utils.sd.ldm_keys import in_model_naming, ldm_to_text_encoder, ldm_to_unet, ldm_to_vae
 from utils.sd.ldm_markers import V_PRED, ztsnr_scheduler_config
@@ -259,11 +260,32 @@ def single_file_to_diffusers(path: Path, out_folder: Path, *, prediction_type: s
         unet_cfg, vae_cfg = diffusers_configs_from_ldm(original_config, sd, family)
         configs = {"unet": unet_cfg, "vae": vae_cfg,
                    **{e.subfolder: dict(e.import_config) for e in family.text_encoders}}
-    for e in family.text_encoders:
-        if e.tokenizer_subfolder not in tokenizers_from and configs[e.subfolder].get("vocab_size", 49408) != 49408:
-            log.warning("%s: %s has a %s-token vocabulary, not CLIP's 49408; the CLIP tokenizer written to %s/ will "
-                        "not fit it (pass config_folder with that tokenizer)", path, e.subfolder,
-                        configs[e.subfolder]["vocab_size"], e.tokenizer_subfolder)
-    return write_diffusers_folder(sd, out_folder, unet_config=configs["unet"], vae_config=configs["vae"],
-                                  text_configs=configs, scheduler_config=_scheduler_config(original_config, pred, sd),
-                                  tokenizers_from=tokenizers_from, family=family, overwrite=overwrite, source=path)
+    with tempfile.TemporaryDirectory() as scratch:
+        for e in family.text_encoders:
+            if e.tokenizer_subfolder in tokenizers_from:
+                continue
+            if (files := _header_tokenizer(meta, e.tokenizer_subfolder)) is not None:
+                tokenizers_from[e.tokenizer_subfolder] = folder = Path(scratch) / e.tokenizer_subfolder
+                folder.mkdir()
+                for name, text in files.items():
+                    (folder / Path(name).name).write_text(text, encoding="utf-8")
+            elif configs[e.subfolder].get("vocab_size", CLIP_VOCAB_SIZE) != CLIP_VOCAB_SIZE:
+                raise ConfigError(f"{path}: {e.subfolder} has a {configs[e.subfolder]['vocab_size']}-token "
+                                  f"vocabulary, not CLIP's {CLIP_VOCAB_SIZE}, and the file carries no tokenizer for "
+                                  f"it; convert it with a diffusers folder of the same model (python -m utils.convert_ldm "
+                                  f"to-diffusers {path} <out> --config_folder <that folder>)")
+        return write_diffusers_folder(sd, out_folder, unet_config=configs["unet"], vae_config=configs["vae"],
+                                      text_configs=configs,
+                                      scheduler_config=_scheduler_config(original_config, pred, sd),
+                                      tokenizers_from=tokenizers_from, family=family, overwrite=overwrite,
+                                      source=path)
+
+
+def _header_tokenizer(meta: dict[str, str], subfolder: str) -> dict[str, str] | None:
+    """The tokenizer files our exporter stored in the header (ldm_export.TOKENIZERS_KEY), or None."""
+    try:
+        files = json.loads(meta.get(TOKENIZERS_KEY, "{}")).get(subfolder)
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    ok = isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())
+    return files if ok and files else None

@@ -130,6 +130,11 @@ def load_sd_model(folder: Path, prediction_type: str | None = None) -> SDModel:
                            for spec in family.text_encoders)
     except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise ConfigError(f"cannot load the model in {folder}: {e}") from None
+    for spec, tokenizer, text_encoder in zip(family.text_encoders, tokenizers, text_encoders):
+        if len(tokenizer) > text_encoder.config.vocab_size:  # its ids would index past the embedding table
+            raise ConfigError(f"{folder / spec.tokenizer_subfolder}: the tokenizer has {len(tokenizer)} tokens, but "
+                              f"{spec.subfolder} embeds only {text_encoder.config.vocab_size}: it is not this text "
+                              f"encoder's tokenizer; put the model's own tokenizer there")
     sched_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = read_json(sched_path, "scheduler config") if sched_path.exists() else {}
     if prediction_type:
