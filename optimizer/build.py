@@ -69,13 +69,13 @@ def _adamw(params, s: PartSettings, device_type: str):
 
 
 def _adamw8bit(params, s: PartSettings, device_type: str, grouped_8bit_step: bool = True,
-               triton_8bit_step: bool = False):
+               triton_8bit_step: bool = False, stochastic_rounding: bool = False):
     _package("bitsandbytes", "adamw8bit")
     from optimizer import grouped8bit  # imports bitsandbytes
     if not grouped_8bit_step:   # (triton_8bit_step true with it is refused by load_optimizer_config)
         return grouped8bit.AdamW8bit(params, lr=s.lr, betas=_betas(s), eps=s.epsilon, weight_decay=s.weight_decay)
     return grouped8bit.GroupedAdamW8bit(params, lr=s.lr, betas=_betas(s), eps=s.epsilon, weight_decay=s.weight_decay,
-                                        triton=triton_8bit_step)
+                                        triton=triton_8bit_step, stochastic_rounding=stochastic_rounding)
 
 
 def _lion(params, s: PartSettings, device_type: str):
@@ -83,11 +83,14 @@ def _lion(params, s: PartSettings, device_type: str):
 
 
 def _lion8bit(params, s: PartSettings, device_type: str, grouped_8bit_step: bool = True,
-              triton_8bit_step: bool = False):  # Lion keeps the CUDA kernel (see triton_8bit_step's doc)
+              triton_8bit_step: bool = False, stochastic_rounding: bool = False):
+    # Lion keeps the CUDA kernel (see triton_8bit_step's doc)
     _package("bitsandbytes", "lion8bit")
     from optimizer import grouped8bit
-    cls = grouped8bit.GroupedLion8bit if grouped_8bit_step else grouped8bit.Lion8bit
-    return cls(params, lr=s.lr, betas=_betas(s), weight_decay=s.weight_decay)
+    if not grouped_8bit_step:
+        return grouped8bit.Lion8bit(params, lr=s.lr, betas=_betas(s), weight_decay=s.weight_decay)
+    return grouped8bit.GroupedLion8bit(params, lr=s.lr, betas=_betas(s), weight_decay=s.weight_decay,
+                                       stochastic_rounding=stochastic_rounding)
 
 
 def _growth_rate(s: PartSettings) -> float:
@@ -175,10 +178,10 @@ def resolve_for_run(name: str, s: PartSettings, *, total_steps: int, lr_scale: f
 def build_part(name: str, settings: PartSettings, params: list[torch.nn.Parameter], *, total_steps: int,
                lr_scale: float, device_type: str, warn: Warn, total_params: int = 0,
                freeze_plan: FreezePlan | None = None, grouped_8bit_step: bool = True,
-               triton_8bit_step: bool = False) -> OptimizerPart:
+               triton_8bit_step: bool = False, stochastic_rounding: bool = False) -> OptimizerPart:
     resolved = resolve_for_run(name, settings, total_steps=total_steps, lr_scale=lr_scale, warn=warn)
-    extra = ({"grouped_8bit_step": grouped_8bit_step, "triton_8bit_step": triton_8bit_step}
-             if resolved.optimizer in GROUPED_8BIT_OPTIMIZERS else {})
+    extra = ({"grouped_8bit_step": grouped_8bit_step, "triton_8bit_step": triton_8bit_step,
+              "stochastic_rounding": stochastic_rounding} if resolved.optimizer in GROUPED_8BIT_OPTIMIZERS else {})
     optimizer = OPTIMIZER_BUILDERS[resolved.optimizer](params, resolved, device_type, **extra)
     return OptimizerPart(name=name, optimizer=optimizer, scheduler=make_scheduler(optimizer, resolved),
                          params=params, settings=resolved, total_params=total_params, lr_scale=lr_scale,
@@ -200,6 +203,29 @@ def fused_backward_problems(opt_cfg: OptimizerConfig, *, train_unet: bool,
     gradients at once (clipping, an fp16 GradScaler's overflow check, DDP's all-reduce) or several backward
     passes (grad_accum). train_text_encoders: the names of the text encoders the run trains (those whose
     freezing section says freeze_all are skipped)."""
+    problems = _grouped_8bit_problems(opt_cfg, train_unet, train_text_encoders)
+    if grad_accum != 1:
+        problems.append(f"grad_accum is {grad_accum}: set it to 1 (use a larger batch_size)")
+    if clip_grad_norm:
+        problems.append(f"clip_grad_norm is {clip_grad_norm}: set it to null")
+    if fp16:
+        problems.append("fp16 needs a GradScaler, which checks all gradients before any step: use mixed_precision "
+                        "bf16 (on a GPU without bf16, fused_backward_pass false)")
+    if processes > 1:
+        problems.append(f"{processes} processes: DDP averages the gradients after the backward pass; "
+                        f"fused_backward_pass runs on one GPU")
+    return problems
+
+
+def stochastic_rounding_problems(opt_cfg: OptimizerConfig, *, train_unet: bool,
+                                 train_text_encoders: Collection[str] = ()) -> list[str]:
+    """Why train.json's weight_dtype bf16 cannot run with these settings (empty: it can): the stochastic rounding
+    of bf16 weights happens inside the grouped 8-bit step, so every trained part must use it."""
+    return _grouped_8bit_problems(opt_cfg, train_unet, train_text_encoders)
+
+
+def _grouped_8bit_problems(opt_cfg: OptimizerConfig, train_unet: bool, train_text_encoders: Collection[str]):
+    """Each trained part must use the grouped 8-bit step (adamw8bit / lion8bit, grouped_8bit_step true)."""
     trained = ["unet"] if train_unet else []
     trained += [te for te in TEXT_ENCODERS if te in _checked_names(train_text_encoders)
                 and opt_cfg.trains_text_encoder(te)]
@@ -211,16 +237,6 @@ def fused_backward_problems(opt_cfg: OptimizerConfig, *, train_unet: bool,
                             f"or lion8bit")
     if not opt_cfg.grouped_8bit_step:
         problems.append("optimizer.json grouped_8bit_step is false: set it to true")
-    if grad_accum != 1:
-        problems.append(f"grad_accum is {grad_accum}: set it to 1 (use a larger batch_size)")
-    if clip_grad_norm:
-        problems.append(f"clip_grad_norm is {clip_grad_norm}: set it to null")
-    if fp16:
-        problems.append("fp16 needs a GradScaler, which checks all gradients before any step: use mixed_precision "
-                        "bf16 (on a GPU without bf16, fused_backward_pass false)")
-    if processes > 1:
-        problems.append(f"{processes} processes: DDP averages the gradients after the backward pass; "
-                        f"fused_backward_pass runs on one GPU")
     return problems
 
 
@@ -235,7 +251,7 @@ def _checked_names(names: Collection[str]) -> Collection[str]:
 def build_optimizer_parts(opt_cfg: OptimizerConfig, *, unet: torch.nn.Module | None,
                           text_encoders: Sequence[tuple[str, torch.nn.Module | None]] = (), total_steps: int,
                           batch_size: int, grad_accum: int, scale_lr: bool = False, device_type: str = "cuda",
-                          warn: Warn | None = None) -> list[OptimizerPart]:
+                          warn: Warn | None = None, stochastic_rounding: bool = False) -> list[OptimizerPart]:
     """One OptimizerPart per trained model, named "unet", "text_encoder", "text_encoder_2", in that order.
     text_encoders: (name, module) pairs, name "text_encoder" or "text_encoder_2" (SD1/SD2 pass only the
     first); module None = that encoder is not trained. None (also unet=None): the caller freezes that model
@@ -243,7 +259,9 @@ def build_optimizer_parts(opt_cfg: OptimizerConfig, *, unet: torch.nn.Module | N
     first (freeze_all, or nothing left to train: it gets no part); the caller should pass None for an encoder
     whose opt_cfg.trains_text_encoder(name) is false. Sets requires_grad on every parameter of the models it is
     given. total_steps = optimizer steps of the run (for the automatic warmup/decay); batch_size (summed over
-    GPUs) and grad_accum only feed scale_lr. Raises ConfigError."""
+    GPUs) and grad_accum only feed scale_lr. stochastic_rounding: bf16 weights are rounded stochastically in the
+    grouped 8-bit step (train.json weight_dtype bf16; stochastic_rounding_problems says what it needs). Raises
+    ConfigError."""
     warn = warn or stderr_warn
     _checked_names([name for name, _ in text_encoders])
     if total_steps < 1 or batch_size < 1 or grad_accum < 1:
@@ -256,7 +274,7 @@ def build_optimizer_parts(opt_cfg: OptimizerConfig, *, unet: torch.nn.Module | N
         return build_part(name, settings, params, total_steps=total_steps,
                           lr_scale=_lr_scale_for(name, settings, scale, warn), device_type=device_type, warn=warn,
                           total_params=total, freeze_plan=plan, grouped_8bit_step=opt_cfg.grouped_8bit_step,
-                          triton_8bit_step=opt_cfg.triton_8bit_step)
+                          triton_8bit_step=opt_cfg.triton_8bit_step, stochastic_rounding=stochastic_rounding)
 
     parts = []
     if unet is not None:

@@ -41,6 +41,9 @@ overhead per tensor. SD1.5 (UNet + text encoder) has 882 trainable tensors; on o
   gradient in another memory layout (channels_last) is stepped through a contiguous copy, its chunk in a launch
   of its own. A chunk where some parameter has no gradient, or a gradient of another dtype, takes the copying
   path with bitsandbytes' kernel that step.
+- stochastic_rounding=True (train.json weight_dtype bf16): bf16 weights are stepped in fp32 (the flat buffers of
+  bf16 chunks are fp32; an in-place tensor goes through an fp32 copy; the Triton kernel computes in fp32 anyway)
+  and rounded back to bf16 stochastically (optimizer/stochastic_rounding.py), seeded by step and chunk.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ import bitsandbytes.functional as F
 import torch
 
 from optimizer import triton8bit
+from optimizer.stochastic_rounding import round_to_bf16_, step_seed
 # BLOCK_SIZE and MIN_8BIT_SIZE are bitsandbytes' numbers; the layout defines them, callers import them from here too
 from optimizer.grouped8bit_layout import BLOCK_SIZE, MIN_8BIT_SIZE, Chunk, plan_chunks
 from utils.core.config_schema import ConfigError
@@ -70,7 +74,8 @@ class Grouped8bit(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  *, kind: str = "adam", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                 direct_elements: int = DEFAULT_DIRECT_ELEMENTS, triton: bool = False):
+                 direct_elements: int = DEFAULT_DIRECT_ELEMENTS, triton: bool = False,
+                 stochastic_rounding: bool = False):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if not 0.0 <= lr:
@@ -87,6 +92,7 @@ class Grouped8bit(torch.optim.Optimizer):
             raise ValueError("triton: the Triton 8-bit kernel is written for AdamW only")
         self.kind = kind
         self.triton = triton
+        self.stochastic_rounding = stochastic_rounding
         # the Triton kernel's launch shape (tests/gpu/test_triton8bit_cuda.py times others); set before the first step
         self.triton_tuning = dict(segment=triton8bit.SEGMENT, num_warps=triton8bit.NUM_WARPS, lookup=True)
         self.chunk_elements = int(chunk_elements)
@@ -119,13 +125,13 @@ class Grouped8bit(torch.optim.Optimizer):
         sizes: dict[tuple, int] = {}
         for c in chunks:
             if not c.direct:
-                key = (c.device, c.dtype)
+                key = (c.device, self._step_dtype(c))
                 sizes[key] = max(sizes.get(key, 0), c.length)
         self._buffers = {(device, dtype): (torch.zeros(n, dtype=dtype, device=device),
                                            torch.zeros(n, dtype=dtype, device=device))
                          for (device, dtype), n in sizes.items()}
         for c in (c for c in chunks if not c.direct):
-            grad_buf, param_buf = self._buffers[(c.device, c.dtype)]
+            grad_buf, param_buf = self._buffers[(c.device, self._step_dtype(c))]
             for i, off in zip(c.indices, c.offsets):
                 p = params[i]
                 c.grad_views.append(grad_buf[off:off + p.numel()].view(p.shape))
@@ -140,6 +146,13 @@ class Grouped8bit(torch.optim.Optimizer):
             if state:   # loaded before the first step
                 self._check_state(state, c, c.indices[0])
         self._chunks = chunks
+
+    def _rounds(self, c: Chunk) -> bool:
+        return self.stochastic_rounding and c.dtype == torch.bfloat16
+
+    def _step_dtype(self, c: Chunk) -> torch.dtype:
+        """The dtype a chunk's update is computed in: fp32 for bf16 weights rounded stochastically."""
+        return torch.float32 if self._rounds(c) else c.dtype
 
     def _new_state(self, c: Chunk) -> dict:
         state = {"step": 0, STATE_MARKER: FORMAT_VERSION, "params": list(c.indices)}
@@ -214,7 +227,7 @@ class Grouped8bit(torch.optim.Optimizer):
         if c.direct:
             self._step_in_place(c, state, params[c.indices[0]], grads[0], lr, beta1, beta2, eps, wd)
             return
-        grad_buf, param_buf = self._buffers[(c.device, c.dtype)]
+        grad_buf, param_buf = self._buffers[(c.device, self._step_dtype(c))]
         # the gradient buffer holds another chunk's values: zero the gaps between tensors (stale values there
         # would raise a block's absmax) and the tensors without a gradient; the rest is overwritten
         zero = c.gap_views + [v for v, ok in zip(c.grad_views, present) if not ok]
@@ -227,6 +240,8 @@ class Grouped8bit(torch.optim.Optimizer):
                                  [x for x in grads if x is not None])
         torch._foreach_copy_(c.param_views, [params[i] for i in c.indices])
         self._kernel(c, state, grad_buf[:c.length], param_buf[:c.length], lr, beta1, beta2, eps, wd)
+        if self._rounds(c):   # the copies back into the bf16 weights are then exact
+            round_to_bf16_(param_buf[:c.length], step_seed(state["step"], c.indices[0]))
         if all(present):
             torch._foreach_copy_([params[i] for i in c.indices], c.param_views)
         else:
@@ -314,11 +329,13 @@ class Grouped8bit(torch.optim.Optimizer):
             beta1, beta2 = (float(b) for b in group["betas"])
             weights = [params[i] for c, _, _ in chunks for i in c.indices]
             stepped = [w if w.is_contiguous() else w.contiguous() for w in weights]
+            rounds = self.stochastic_rounding and _dtype == torch.bfloat16
             triton8bit.adamw8bit_step(
                 rows, stepped, [g.contiguous() for _, _, gs in chunks for g in gs],
                 [(s["state1"], s["state2"], s["absmax1"], s["absmax2"]) for _, s, _ in chunks],
                 self._triton_maps[device], step=step, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), **self.triton_tuning)
+                eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                rounding_seed=step_seed(step, chunks[0][0].indices[0]) if rounds else None, **self.triton_tuning)
             copied = [(w, t) for w, t in zip(weights, stepped) if t is not w]
             if copied:
                 torch._foreach_copy_([w for w, _ in copied], [t for _, t in copied])
@@ -331,12 +348,15 @@ class Grouped8bit(torch.optim.Optimizer):
 
     def _step_in_place(self, c: Chunk, state: dict, param: torch.Tensor, grad: torch.Tensor, *hyper) -> None:
         """A large tensor alone in its chunk: bitsandbytes' own per-tensor call, no copies (a copy only when the
-        parameter or its gradient is not contiguous, or of another dtype)."""
-        if param.is_contiguous() and grad.is_contiguous() and grad.dtype == param.dtype:
+        parameter or its gradient is not contiguous, or of another dtype; an fp32 copy for stochastic rounding)."""
+        dtype = self._step_dtype(c)
+        if param.is_contiguous() and grad.is_contiguous() and grad.dtype == param.dtype == dtype:
             self._kernel(c, state, grad.view(-1), param.view(-1), *hyper)
         else:
-            flat = param.detach().contiguous().view(-1)
-            self._kernel(c, state, grad.to(param.dtype).contiguous().view(-1), flat, *hyper)
+            flat = param.detach().to(dtype, memory_format=torch.contiguous_format, copy=True).view(-1)
+            self._kernel(c, state, grad.to(dtype).contiguous().view(-1), flat, *hyper)
+            if self._rounds(c):
+                round_to_bf16_(flat, step_seed(state["step"], c.indices[0]))
             param.copy_(flat.view_as(param))
 
     def _kernel(self, c: Chunk, state: dict, g: torch.Tensor, p: torch.Tensor, lr: float, beta1: float,
@@ -416,18 +436,19 @@ class GroupedAdamW8bit(Grouped8bit):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, direct_elements: int = DEFAULT_DIRECT_ELEMENTS,
-                 triton: bool = False):
+                 triton: bool = False, stochastic_rounding: bool = False):
         super().__init__(params, lr, betas, eps, weight_decay, kind="adam", chunk_elements=chunk_elements,
-                         direct_elements=direct_elements, triton=triton)
+                         direct_elements=direct_elements, triton=triton, stochastic_rounding=stochastic_rounding)
 
 
 class GroupedLion8bit(Grouped8bit):
     """bitsandbytes' Lion8bit, stepped in chunks (Grouped8bit with kind "lion")."""
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0,
-                 *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, direct_elements: int = DEFAULT_DIRECT_ELEMENTS):
+                 *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, direct_elements: int = DEFAULT_DIRECT_ELEMENTS,
+                 stochastic_rounding: bool = False):
         super().__init__(params, lr, betas, 0.0, weight_decay, kind="lion", chunk_elements=chunk_elements,
-                         direct_elements=direct_elements)
+                         direct_elements=direct_elements, stochastic_rounding=stochastic_rounding)
 
 
 def layout_mismatch_message(*, saved_grouped: bool, kind: str) -> str:

@@ -167,9 +167,9 @@ def _kernel(interpret: bool):
     @triton.jit
     def adamw8bit_kernel(rows_ptr, table_ptr, n_tensors, p_base, g_base, s1_base, s2_base, a1_base, a2_base,
                          qmap1_ptr, qmap2_ptr, mids1_ptr, mids2_ptr, table1_ptr, table2_ptr, beta1, beta2,
-                         step_size, eps, decay, SEG: tl.constexpr, BLK: tl.constexpr, ALIGNED: tl.constexpr,
+                         step_size, eps, decay, seed, SEG: tl.constexpr, BLK: tl.constexpr, ALIGNED: tl.constexpr,
                          LOOKUP: tl.constexpr, TINY: tl.constexpr, LOW_BITS: tl.constexpr, SHIFT: tl.constexpr,
-                         SIDE: tl.constexpr):
+                         SIDE: tl.constexpr, ROUND: tl.constexpr):
         row = rows_ptr + tl.program_id(0).to(tl.int64) * 6   # ROW_FIELDS
         tensor = tl.load(row).to(tl.int64)
         start = tl.load(row + 1).to(tl.int64)
@@ -208,6 +208,10 @@ def _kernel(interpret: bool):
         s1 = tl.where(finite, s1 * beta1 + (1.0 - beta1) * g, s1)
         s2 = tl.where(finite, s2 * beta2 + (1.0 - beta2) * g * g, s2)
         new_p = (p + step_size * (s1 / (tl.sqrt(s2) + eps))) * decay
+        if ROUND:   # bf16 weights: stochastic rounding (optimizer/stochastic_rounding.py), exact in the store below
+            noise = (tl.randint(seed, (p_off + idx).to(tl.uint32)) & 0xFFFF).to(tl.int32)
+            rounded = ((new_p.to(tl.int32, bitcast=True) + noise) & -65536).to(tl.float32, bitcast=True)
+            new_p = tl.where((new_p == new_p) & (tl.abs(new_p) != float("inf")), rounded, new_p)
         tl.store(p_base + p_off + idx, tl.where(finite, new_p, p).to(p_raw.dtype), mask=valid)
 
         blocks1 = tl.reshape(s1, (SEG // BLK, BLK))
@@ -247,12 +251,13 @@ def adamw8bit_step(rows: torch.Tensor, params: list[torch.Tensor], grads: list[t
                    states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
                    maps: tuple[torch.Tensor, ...], *, step: int, lr: float, beta1: float, beta2: float, eps: float,
                    weight_decay: float, segment: int = SEGMENT, num_warps: int = NUM_WARPS,
-                   lookup: bool = True) -> None:
+                   lookup: bool = True, rounding_seed: int | None = None) -> None:
     """One AdamW8bit step over `params` (contiguous, one dtype, their gradients of the same dtype) whose state
     lies in the chunks `states` ((state1, state2, absmax1, absmax2) each); rows: the launch's segment rows
     (`segment_rows` of each chunk, tensor and chunk slots numbered in the order of params and states), an int32
     tensor on the parameters' device, cut with the same `segment`; maps: `kernel_maps` on that device. All chunks
-    take the same step count. lookup false finds codes by binary search (same codes, slower; for checks)."""
+    take the same step count. lookup false finds codes by binary search (same codes, slower; for checks).
+    rounding_seed: bf16 weights are rounded stochastically with this seed (None: to nearest)."""
     table, aligned = address_table(params, grads, states)
     device = params[0].device
     table = torch.tensor(table, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
@@ -262,5 +267,7 @@ def adamw8bit_step(rows: torch.Tensor, params: list[torch.Tensor], grads: list[t
     _kernel(interpreting())[(rows.shape[0],)](
         rows, table, len(params), params[0], grads[0], s1, s2, a1, a2, *maps, beta1, beta2,
         -lr * correction2 / correction1, correction2 * eps, 1.0 - lr * weight_decay if weight_decay > 0 else 1.0,
+        (rounding_seed or 0) % 2 ** 31,
         SEG=segment, BLK=BLOCK, ALIGNED=aligned, LOOKUP=lookup, TINY=2.0 ** TABLE_MIN_EXPONENT,
-        LOW_BITS=_TABLE_LOW_BITS, SHIFT=_TABLE_SHIFT, SIDE=_TABLE_SIDE, num_warps=num_warps)
+        LOW_BITS=_TABLE_LOW_BITS, SHIFT=_TABLE_SHIFT, SIDE=_TABLE_SIDE, ROUND=rounding_seed is not None,
+        num_warps=num_warps)

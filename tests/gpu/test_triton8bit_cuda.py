@@ -110,3 +110,25 @@ def test_every_launch_shape_steps_alike(sd15_shapes):
         assert apart < 1e-3, (segment, warps, lookup)
         del opt, params
         torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("triton", [True, False])
+def test_bf16_weights_rounded_stochastically_keep_small_updates(triton):
+    """train.json weight_dtype bf16 on CUDA: 20 steps of 1e-4 against a constant gradient move each weight by 2e-3.
+    With stochastic rounding (our Triton kernel in-kernel, bitsandbytes' kernel through fp32 buffers) bf16 weights
+    keep it on average, in every kind of chunk; rounded to nearest they lose most of it. Also times both steps."""
+    shapes = [torch.Size([5_000_000]), torch.Size([640, 640]), torch.Size([320, 320, 3, 3]), torch.Size([40])]
+    drift, times = {}, {}
+    for rounding in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda").bfloat16()) for s in shapes]
+        start = [p.detach().float().clone() for p in params]
+        opt = GroupedAdamW8bit(params, lr=1e-4, weight_decay=0.0, triton=triton, stochastic_rounding=rounding)
+        grads = [[torch.ones_like(p) for p in params]] * 2
+        times[rounding] = ms_per_step(opt, params, grads, 20)
+        drift[rounding] = [(s - p.detach().float()).mean().item() for s, p in zip(start, params)]
+    print(f"\ntriton {triton}: ms per step nearest {times[False]:.3f} stochastic {times[True]:.3f}; "
+          f"mean drift nearest {drift[False]} stochastic {drift[True]} (2e-3 expected)")
+    assert all(abs(d) < 5e-4 for d in drift[False][:3]), drift[False]
+    assert all(d == pytest.approx(2e-3, rel=0.2) for d in drift[True]), drift[True]

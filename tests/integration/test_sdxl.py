@@ -124,8 +124,9 @@ def test_sdxl_with_cached_latents_validation_and_ema(tiny_sdxl_folder, dataset, 
 
 
 def test_the_sdxl_24gb_preset_runs_end_to_end_on_the_tiny_model(tiny_sdxl_folder, dataset, tmp_path, monkeypatch):
-    """examples/train_sdxl_24gb.json as shipped (its optimizer file, the step in the backward pass, activation
-    recomputation, cached latents and text-encoder outputs), only the model, data and size made tiny."""
+    """examples/train_sdxl_24gb.json as shipped (its optimizer file, bf16 weights rounded stochastically, the step in
+    the backward pass, activation recomputation, cached latents; UNet and both text encoders trained), only the
+    model, data and size made tiny."""
     root = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(root)   # the preset names its optimizer file relative to the repository
     logdir = tmp_path / "logs"
@@ -136,3 +137,9 @@ def test_the_sdxl_24gb_preset_runs_end_to_end_on_the_tiny_model(tiny_sdxl_folder
     assert run_train(argv) == 0
     saved = json.loads((final_ckpt(logdir) / "train.json").read_text())
     assert saved["fused_backward_pass"] and saved["cache_latents"] and saved["gradient_checkpointing"]
+    assert saved["weight_dtype"] == "bf16" and not saved["disable_textenc_training"]
+    before, after = checkpoint_weights(tiny_sdxl_folder), checkpoint_weights(final_ckpt(logdir))
+    for part in ("unet", "text_encoder", "text_encoder_2"):   # all three trained, stored in bf16
+        trained = [k for k in after if k.startswith(part + ".") and after[k].is_floating_point()]
+        assert all(after[k].dtype == torch.bfloat16 for k in trained), part
+        assert any(not torch.equal(before[k].bfloat16(), after[k]) for k in trained), part

@@ -109,6 +109,11 @@ class TrainConfig:
     mixed_precision: Literal["auto", "fp16", "bf16", "no"] = doc(
         "auto", "Autocast dtype. auto: bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU.")
     disable_amp: bool = doc(False, "EveryDream2's switch: train in full fp32 (same as mixed_precision 'no').")
+    weight_dtype: Literal["fp32", "bf16"] = doc(
+        "fp32", "dtype of the trained weights. bf16 halves their memory (SDXL's UNet and both text encoders in "
+                "24 GB): the optimizer computes each update in fp32 and rounds it to bf16 stochastically, so small "
+                "updates are not lost; it trains under bf16 autocast and needs adamw8bit or lion8bit with "
+                "grouped_8bit_step (doc/OPTIMIZER.md).")
     gradient_checkpointing: bool = doc(False, "Recompute activations in the backward pass: less memory, "
                                               "more compute (doc/PERFORMANCE.md has measurements).")
     fused_backward_pass: bool = doc(False, "Step the optimizer inside the backward pass and free each gradient "
@@ -376,6 +381,9 @@ def validate(cfg: TrainConfig) -> list[str]:
     if cfg.compile_memory_budget < 1.0 and not cfg.torch_compile:
         problems.append(f"compile_memory_budget {cfg.compile_memory_budget} needs torch_compile true (or set it "
                         f"to 1.0; without compiling, gradient_checkpointing true saves activation memory)")
+    if cfg.weight_dtype == "bf16" and cfg.mixed_precision in ("fp16", "no"):
+        problems.append(f"weight_dtype 'bf16' trains under bf16 autocast; mixed_precision is "
+                        f"'{cfg.mixed_precision}': set it to 'bf16' or 'auto' (or weight_dtype 'fp32')")
     if cfg.sdp_backend != "auto" and cfg.attn_type != "sdp":
         problems.append(f"sdp_backend '{cfg.sdp_backend}' applies to attn_type 'sdp' only (attn_type is "
                         f"'{cfg.attn_type}'); set sdp_backend to 'auto' or attn_type to 'sdp'")

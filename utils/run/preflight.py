@@ -13,7 +13,7 @@ import torch
 
 from data.items import DataSettings, require_valid_settings
 from optimizer import triton8bit
-from optimizer.build import fused_backward_problems
+from optimizer.build import fused_backward_problems, stochastic_rounding_problems
 from optimizer.config import load_optimizer_config
 from utils.core.config_schema import ConfigError
 from utils.core.run_logging import get_logger
@@ -75,6 +75,15 @@ def _check_machine(cfg: TrainConfig, opt_cfg, device: torch.device, processes: i
             raise ConfigError("attn_type 'xformers' needs a CUDA GPU; use 'sdp'")
     if opt_cfg.triton_8bit_step:
         triton8bit.check_available(device)
+    if cfg.weight_dtype == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("weight_dtype 'bf16': this GPU has no bf16 (it needs an Ampere or newer card); set "
+                              "weight_dtype 'fp32'")
+        # the first text encoder: a second one (SDXL) is checked once the model has loaded (setup)
+        if problems := stochastic_rounding_problems(
+                opt_cfg, train_unet=not cfg.disable_unet_training,
+                train_text_encoders=() if cfg.disable_textenc_training else ("text_encoder",)):
+            raise ConfigError("weight_dtype 'bf16' cannot run with this optimizer.json:\n  - " + "\n  - ".join(problems))
     if cfg.overlap_optimizer_step and device.type != "cuda":
         raise ConfigError(f"overlap_optimizer_step true needs a CUDA GPU (this run is on {device.type}); "
                           f"set it to false")
@@ -96,7 +105,9 @@ def preflight(cfg: TrainConfig, config_path: str | None = None) -> Run:
     if not accelerator.is_main_process:
         log.setLevel("WARNING")  # the console shows the main process's lines once, not N times
     amp = amp_dtype(cfg.mixed_precision, device)
-    if cfg.mixed_precision in ("fp16", "bf16") and device.type != "cuda":
+    if cfg.weight_dtype == "bf16":   # bf16 weights run under bf16 autocast, on the CPU too
+        amp = torch.bfloat16
+    elif cfg.mixed_precision in ("fp16", "bf16") and device.type != "cuda":
         log.info(f"mixed_precision {cfg.mixed_precision} needs a CUDA GPU; training in fp32 on {device}")
         amp = None
     opt_cfg = load_optimizer_config(cfg.optimizer_config, lr_override=cfg.lr)

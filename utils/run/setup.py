@@ -15,7 +15,7 @@ import torch
 from data.dataset import require_usable, scan_dataset, summarize, write_dataset_report
 from data.discovery import decode_problems
 from data.latent_cache import ensure_latents, needed_entries
-from optimizer.build import build_optimizer_parts, fused_backward_problems
+from optimizer.build import build_optimizer_parts, fused_backward_problems, stochastic_rounding_problems
 from optimizer.config import optimizer_config_to_json
 from utils.core.config_schema import ConfigError
 from utils.core.file_writes import create_folder
@@ -138,7 +138,8 @@ def load_models(run: Run, folder: Path) -> Models:
     sd.vae.requires_grad_(False).to(run.device, dtype=vae_dtype).eval()
     modules = [(sd.unet, train_unet), *zip(sd.text_encoders, train_tes)]
     for module, trained in modules:
-        module.to(run.device, dtype=torch.float32 if trained else frozen_dtype)
+        module.to(run.device, dtype=(torch.bfloat16 if cfg.weight_dtype == "bf16" else torch.float32) if trained
+                  else frozen_dtype)
         if not trained:
             module.requires_grad_(False).eval()
     if cfg.channels_last:  # convolutions in NHWC: the layout cuDNN's tensor-core kernels want
@@ -211,10 +212,15 @@ def build_optimizers(run: Run) -> None:
             fp16=run.amp_dtype == torch.float16, processes=run.processes)):
         # preflight checked the first text encoder; a second one (SDXL) is known now
         raise ConfigError("fused_backward_pass true cannot run here:\n  - " + "\n  - ".join(problems))
+    rounding = cfg.weight_dtype == "bf16"
+    if rounding and (problems := stochastic_rounding_problems(
+            run.opt_cfg, train_unet=models.train_unet,
+            train_text_encoders=[name for name, module in text_encoders if module is not None])):
+        raise ConfigError("weight_dtype 'bf16' cannot run with this optimizer.json:\n  - " + "\n  - ".join(problems))
     run.parts = build_optimizer_parts(
         run.opt_cfg, unet=models.sd.unet if models.train_unet else None, text_encoders=text_encoders,
         total_steps=run.steps.total_steps, batch_size=cfg.batch_size * run.processes, grad_accum=cfg.grad_accum,
-        scale_lr=cfg.scale_lr, device_type=run.device.type)
+        scale_lr=cfg.scale_lr, device_type=run.device.type, stochastic_rounding=rounding)
     if cfg.fused_backward_pass:
         for part in run.parts:
             part.optimizer.step_in_backward(overlap=cfg.overlap_optimizer_step)
