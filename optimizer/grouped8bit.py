@@ -313,7 +313,7 @@ class Grouped8bit(torch.optim.Optimizer):
         group = self.param_groups[0]
         params = group["params"]
         position = {id(c): n for n, c in enumerate(self._chunks)}
-        for (step, _dtype, device), chunks in groups.items():
+        for (step, dtype, device), chunks in groups.items():
             key = tuple(position[id(c)] for c, _, _ in chunks)
             rows = self._triton_rows.get(key)
             if rows is None:
@@ -329,7 +329,7 @@ class Grouped8bit(torch.optim.Optimizer):
             beta1, beta2 = (float(b) for b in group["betas"])
             weights = [params[i] for c, _, _ in chunks for i in c.indices]
             stepped = [w if w.is_contiguous() else w.contiguous() for w in weights]
-            rounds = self.stochastic_rounding and _dtype == torch.bfloat16
+            rounds = self.stochastic_rounding and dtype == torch.bfloat16
             triton8bit.adamw8bit_step(
                 rows, stepped, [g.contiguous() for _, _, gs in chunks for g in gs],
                 [(s["state1"], s["state2"], s["absmax1"], s["absmax2"]) for _, s, _ in chunks],

@@ -26,15 +26,14 @@ def step_seed(step: int, where: int) -> int:
 
 def round_to_bf16_(values: torch.Tensor, seed: int) -> torch.Tensor:
     """Round fp32 `values` in place to bf16-representable fp32 values, stochastically (see the module doc); a
-    following copy into a bf16 tensor is then exact. Non-finite values are left as they are. Returns values."""
+    following copy into a bf16 tensor is then exact. inf, -inf and NaN stay what they are. Returns values."""
     if values.dtype != torch.float32:
         raise TypeError(f"stochastic rounding takes fp32 values, got {values.dtype}")
     generator = torch.Generator(device=values.device).manual_seed(seed)
     noise = torch.randint(0, 1 << LOW_BITS, values.shape, dtype=torch.int32, device=values.device,
                           generator=generator)
-    bits = values.view(torch.int32)
-    rounded = (bits + noise).bitwise_and_(KEEP_MASK)
-    finite = torch.isfinite(values)
-    bits.copy_(torch.where(finite, rounded, bits))
+    # in place, no other temporary (a 63M-element embedding's update must not need four copies of it): inf and
+    # -inf have a zero mantissa and come back unchanged, a NaN stays a NaN
+    values.view(torch.int32).add_(noise).bitwise_and_(KEEP_MASK)
     return values
 
