@@ -36,4 +36,3 @@ def round_to_bf16_(values: torch.Tensor, seed: int) -> torch.Tensor:
     # -inf have a zero mantissa and come back unchanged, a NaN stays a NaN
     values.view(torch.int32).add_(noise).bitwise_and_(KEEP_MASK)
     return values
-
