@@ -6,9 +6,10 @@
 
 PRESET is default (train.json), fast (examples/train_24gb_fast.json), graphs (fast with batch 15 and CUDA graphs)
 or 12gb (examples/train_12gb.json); NAME_tiny (fast_tiny, graphs_tiny, 12gb_tiny) runs a preset's options on
-builtin:tiny-sd, to see every bucket shape compile, sample and save in seconds. NOREF=1 skips the reference step. Each run trains builtin:sd15 (random weights, SD1.5's architecture) for
-3 epochs on 384x640, 512x512 and 640x384 images, with samples and a save each epoch, capped at 22 GiB (10.5 GiB
-for 12gb). Reported: the process's wall time (model build included), images/s over it and over the trainer's own
+builtin:tiny-sd, to see every bucket shape compile, sample and save in seconds. NOREF=1 skips the reference step.
+Each run trains builtin:sd15 (random weights, SD1.5's architecture) for EPOCHS (default 3) epochs on 384x640,
+512x512 and 640x384 images, with samples and a save each epoch, capped at 22 GiB (10.5 GiB for 12gb).
+Reported: the process's wall time (model build included), images/s over it and over the trainer's own
 run, the steady-state images/s (median of the logged windows after the last compile), the compile seconds per
 batch shape, the peak GPU memory. Needs diffusers and bitsandbytes (carried as wheels) and WORK (default
 /tmp/whole_runs) with room for a few checkpoints; runs' checkpoints are deleted once read.

@@ -83,7 +83,8 @@ def _check_machine(cfg: TrainConfig, opt_cfg, device: torch.device, processes: i
         if problems := stochastic_rounding_problems(
                 opt_cfg, train_unet=not cfg.disable_unet_training,
                 train_text_encoders=() if cfg.disable_textenc_training else ("text_encoder",)):
-            raise ConfigError("weight_dtype 'bf16' cannot run with this optimizer.json:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("weight_dtype 'bf16' cannot run with this optimizer.json:\n  - "
+                              + "\n  - ".join(problems))
     if cfg.overlap_optimizer_step and device.type != "cuda":
         raise ConfigError(f"overlap_optimizer_step true needs a CUDA GPU (this run is on {device.type}); "
                           f"set it to false")
