@@ -210,8 +210,8 @@ def _kernel(interpret: bool):
         new_p = (p + step_size * (s1 / (tl.sqrt(s2) + eps))) * decay
         if ROUND:   # bf16 weights: stochastic rounding (optimizer/stochastic_rounding.py), exact in the store below
             noise = (tl.randint(seed, (p_off + idx).to(tl.uint32)) & 0xFFFF).to(tl.int32)
-            rounded = ((new_p.to(tl.int32, bitcast=True) + noise) & -65536).to(tl.float32, bitcast=True)
-            new_p = tl.where((new_p == new_p) & (tl.abs(new_p) != float("inf")), rounded, new_p)
+            # inf keeps its zero mantissa and a NaN stays a NaN, as in round_to_bf16_
+            new_p = ((new_p.to(tl.int32, bitcast=True) + noise) & -65536).to(tl.float32, bitcast=True)
         tl.store(p_base + p_off + idx, tl.where(finite, new_p, p).to(p_raw.dtype), mask=valid)
 
         blocks1 = tl.reshape(s1, (SEG // BLK, BLK))

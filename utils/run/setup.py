@@ -136,10 +136,10 @@ def load_models(run: Run, folder: Path) -> Models:
     # for it (force_upcast: SDXL's overflows fp16 to NaN) stays fp32 under fp16; bf16's range is fp32's.
     vae_dtype = torch.float32 if frozen_dtype == torch.float16 and sd.vae.config.get("force_upcast") else frozen_dtype
     sd.vae.requires_grad_(False).to(run.device, dtype=vae_dtype).eval()
+    trained_dtype = torch.bfloat16 if cfg.weight_dtype == "bf16" else torch.float32
     modules = [(sd.unet, train_unet), *zip(sd.text_encoders, train_tes)]
     for module, trained in modules:
-        module.to(run.device, dtype=(torch.bfloat16 if cfg.weight_dtype == "bf16" else torch.float32) if trained
-                  else frozen_dtype)
+        module.to(run.device, dtype=trained_dtype if trained else frozen_dtype)
         if not trained:
             module.requires_grad_(False).eval()
     if cfg.channels_last:  # convolutions in NHWC: the layout cuDNN's tensor-core kernels want

@@ -272,8 +272,8 @@ def single_file_to_diffusers(path: Path, out_folder: Path, *, prediction_type: s
             elif configs[e.subfolder].get("vocab_size", CLIP_VOCAB_SIZE) != CLIP_VOCAB_SIZE:
                 raise ConfigError(f"{path}: {e.subfolder} has a {configs[e.subfolder]['vocab_size']}-token "
                                   f"vocabulary, not CLIP's {CLIP_VOCAB_SIZE}, and the file carries no tokenizer for "
-                                  f"it; convert it with a diffusers folder of the same model (python -m utils.convert_ldm "
-                                  f"to-diffusers {path} <out> --config_folder <that folder>)")
+                                  f"it; convert it with a diffusers folder of the same model (python -m "
+                                  f"utils.convert_ldm to-diffusers {path} <out> --config_folder <that folder>)")
         return write_diffusers_folder(sd, out_folder, unet_config=configs["unet"], vae_config=configs["vae"],
                                       text_configs=configs,
                                       scheduler_config=_scheduler_config(original_config, pred, sd),
